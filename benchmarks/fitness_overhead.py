@@ -1,0 +1,73 @@
+"""Per-candidate time of a fitness evaluation (score + mask every linear in place, perplexity, restore)
+vs a bare forward over the same fitness tokens in the same process, and peak RSS vs model bytes.
+Target: evaluation / bare <= 1.25 on CPU with smollm2-135m."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from common import parser, peak_rss_mb, report
+
+
+@torch.no_grad()
+def bare_forward_seconds(model, windows) -> float:
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    for window in windows:
+        model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--fitness-windows", type=int, default=8)
+    p.add_argument("--fitness-seqlen", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--formula", default="abs(W) * X")
+    args = p.parse_args()
+
+    from fitness.setup import EvaluatorSettings, build_evaluator
+
+    settings = EvaluatorSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        data_dir=args.data_dir,
+        nsamples=args.nsamples,
+        calib_seqlen=args.calib_seqlen,
+        fitness_windows=args.fitness_windows,
+        fitness_seqlen=args.fitness_seqlen,
+    )
+    evaluator = build_evaluator(settings, progress=not args.json)
+    rss_before_eval = peak_rss_mb()
+    evaluator.evaluate_text(args.formula)  # warm-up: compile cache, allocator
+    evaluate, bare = [], []
+    for _ in range(args.rounds):  # interleaved, best of each, so outside load hits both alike
+        evaluate.append(evaluator.evaluate_text(args.formula)["seconds"])
+        bare.append(bare_forward_seconds(evaluator.model, evaluator.windows))
+    model_mb = sum(p.numel() * p.element_size() for p in evaluator.model.parameters()) / 2**20
+    result = {
+        "model": args.model,
+        "device": str(next(evaluator.model.parameters()).device),
+        "fitness_tokens": int(evaluator.windows.numel()),
+        "evaluate_s": min(evaluate),
+        "bare_forward_s": min(bare),
+        "ratio": min(evaluate) / min(bare),
+        "target": "<= 1.25",
+        "model_mb": model_mb,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_before_candidates_mb": rss_before_eval,
+        "peak_rss_over_model": peak_rss_mb() / model_mb,
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Every terminal a formula may use (X, G, H, and the Hessian for U and the proxy), computed once from
+the dense model per (model, calibration) key and persisted as safetensors with a sha256 checksum, so
+runs and processes (Ray actors) share them. A damaged file is detected, discarded and recomputed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.gradients import gradient_magnitudes, model_fingerprint
+from pruning_core.linalg import inverse_hessian_diag
+from pruning_core.sequential import walk_blocks
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    calib: str = "c4"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return {"calib": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_stats(model, tokenizer, key: CalibrationKey, data_dir=None, cache_root=None, progress=True):
+    """Per prunable linear: X (in,), H = [H^-1]_jj (in,), G (out, in); Hessians shared by linears that
+    read the same input (q/k/v, gate/up), referenced by name. Returns (tensors, hessian_of)."""
+    tokens = tokenize_corpus(tokenizer, load_rows(key.calib, data_dir))
+    windows = calibration_windows(tokens, key.nsamples, key.seqlen, key.seed)
+    gradients = gradient_magnitudes(model, windows, key.as_dict(), cache_root, progress)
+    tensors: dict[str, torch.Tensor] = {}
+    hessian_of: dict[str, str] = {}
+
+    def keep(visit) -> None:
+        seen: dict[bytes, str] = {}
+        for name, stats in visit.stats.items():
+            full = f"{visit.name}.{name}"
+            tensors[f"{full}/X"] = stats["X"]
+            tensors[f"{full}/H"] = inverse_hessian_diag(stats["hessian"])
+            tensors[f"{full}/G"] = gradients[full]
+            # linears fed by the same tensor have bit-identical statistics: store their Hessian once
+            fingerprint = stats["X"].cpu().numpy().tobytes()
+            if fingerprint not in seen:
+                seen[fingerprint] = full
+                tensors[f"{full}/hessian"] = stats["hessian"]
+            hessian_of[full] = seen[fingerprint]
+
+    walk_blocks(model, windows, ("X", "hessian"), keep, sequential=False, progress=progress, desc="stats")
+    return tensors, hessian_of
+
+
+class StatsCache:
+    """The terminals of every prunable linear, on the evaluation device."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], hessian_of: dict[str, str]):
+        self.tensors, self.hessian_of = tensors, hessian_of
+
+    def linear_stats(self, name: str) -> dict[str, torch.Tensor]:
+        t = self.tensors
+        return {
+            "X": t[f"{name}/X"],
+            "H": t[f"{name}/H"],
+            "G": t[f"{name}/G"],
+            "hessian": t[f"{self.hessian_of[name]}/hessian"],
+        }
+
+    @classmethod
+    def load_or_compute(
+        cls, model, tokenizer, key: CalibrationKey, cache_root: Path, data_dir=None, progress: bool = True
+    ) -> StatsCache:
+        from safetensors.torch import load_file, save_file
+
+        ident = {"version": FORMAT_VERSION, "model": model_fingerprint(model), **key.as_dict()}
+        name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+        folder = Path(cache_root) / "stats"
+        data_path, meta_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+        device = next(model.parameters()).device
+        loaded = cls._load_verified(data_path, meta_path, ident, load_file)
+        if loaded is not None:
+            tensors, hessian_of = loaded
+            return cls({k: v.to(device) for k, v in tensors.items()}, hessian_of)
+        tensors, hessian_of = compute_stats(model, tokenizer, key, data_dir, cache_root, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+        meta = {"ident": ident, "sha256": _sha256(Path(tmp)), "hessian_of": hessian_of}
+        _atomic_write_text(meta_path, json.dumps(meta))  # checksum first: a data file without it is unused
+        os.replace(tmp, data_path)
+        return cls(tensors, hessian_of)
+
+    @staticmethod
+    def _load_verified(data_path: Path, meta_path: Path, ident: dict, load_file):
+        """The cached tensors if the file exists and matches its recorded checksum, else None."""
+        if not (data_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("ident") != ident or _sha256(data_path) != meta.get("sha256"):
+                raise ValueError("checksum mismatch")
+            return load_file(data_path), meta["hessian_of"]
+        except Exception:  # truncated, corrupted or foreign: recompute rather than trust it
+            data_path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

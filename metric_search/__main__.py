@@ -1,0 +1,3 @@
+from metric_search.cli import entry
+
+entry()

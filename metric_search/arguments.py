@@ -1,0 +1,253 @@
+"""Command-line flags -> settings: the search parser, the CPU / GPU profile defaults, seed formulas,
+and what a ``--resume`` may change (how to run) or must keep (what to search)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from metric_search.config import (
+    PROFILES,
+    ExecutionSettings,
+    SearchSettings,
+    check_execution,
+    check_search,
+)
+from pruning_core.cli_common import OneLineParser, add_model_flags
+from pruning_core.errors import UsageError
+
+# The initial population starts from published metrics, so that 20 CPU generations refine good
+# formulas instead of first rediscovering them.
+DEFAULT_SEEDS = "wanda,magnitude,pruner-zero,ria,sparsegpt-mask"
+
+# Flags a resume may change: they say how to run, not what to search.
+RESUMABLE = {
+    "generations", "workers", "threads", "address", "candidate_timeout", "no_preflight", "quiet", "json",
+    "resume", "profile", "device", "dtype", "cache_dir", "data_dir",
+}  # fmt: skip
+
+
+def search_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog="python -m metric_search",
+        description="Evolve pruning metrics by genetic programming on Ray. Subcommands: validate RUN_DIR, "
+        "export RUN_DIR (see `python -m metric_search validate --help`).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="defaults sized for CPU or GPU")
+    g = p.add_argument_group("evolution")
+    g.add_argument("--generations", type=int, help="cpu 20, gpu 50")
+    g.add_argument("--population", type=int, help="cpu 24, gpu 64")
+    g.add_argument("--seed", type=int, help="fixes the whole search (default 0)")
+    g.add_argument("--cx-prob", type=float, help="subtree crossover probability per pair (0.6)")
+    g.add_argument(
+        "--mut-prob", type=float, help="mutation probability per child: subtree/point/shrink (0.3)"
+    )
+    g.add_argument("--tournament", type=int, help="tournament size (3)")
+    g.add_argument("--elite", type=int, help="best distinct formulas kept unchanged each generation (2)")
+    g.add_argument("--hof-size", type=int, help="hall of fame size (10)")
+    g.add_argument("--init-depth", help="ramped half-and-half depth range MIN:MAX (1:3)")
+    g.add_argument("--max-depth", type=int, help="bloat control: deepest tree (6)")
+    g.add_argument("--max-size", type=int, help="bloat control: most nodes (24)")
+    g.add_argument(
+        "--seed-formulas",
+        help=f"initial formulas: comma list of known names or formula texts, or none ({DEFAULT_SEEDS})",
+    )
+    f = p.add_argument_group("fitness")
+    f.add_argument("--sparsity", type=float, help="unstructured sparsity in (0, 1) (0.5)")
+    f.add_argument("--pattern", help="N:M semi-structured pattern instead, e.g. 2:4")
+    f.add_argument("--group", help="row or matrix (row)")
+    f.add_argument("--calib", help="calibration corpus (c4)")
+    f.add_argument("--nsamples", type=int, help="calibration windows (cpu 32, gpu 128)")
+    f.add_argument("--seqlen", type=int, help="calibration window length (cpu 256, gpu 512)")
+    f.add_argument("--calib-seed", type=int, help="calibration sampling seed (0)")
+    f.add_argument("--fitness-data", help="fitness corpus (wikitext2-valid)")
+    f.add_argument("--fitness-windows", type=int, help="perplexity windows per candidate (cpu 4, gpu 16)")
+    f.add_argument("--fitness-seqlen", type=int, help="tokens per fitness window (cpu 256, gpu 512)")
+    f.add_argument("--no-multi-fidelity", action="store_true", help="measure every candidate by perplexity")
+    f.add_argument(
+        "--confirm", type=int, help="candidates confirmed by perplexity per generation (cpu 3, gpu 8)"
+    )
+    add_model_flags(p)
+    r = p.add_argument_group("execution")
+    r.add_argument("--workers", type=int, help="evaluator actors (cpu 2, gpu 1 per GPU)")
+    r.add_argument("--threads", type=int, help="torch threads per actor (cpu 1, gpu 4)")
+    r.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: local Ray on loopback)")
+    r.add_argument("--candidate-timeout", type=float, help="seconds per candidate (cpu 300, gpu 600)")
+    r.add_argument("--no-preflight", action="store_true", help="skip loading the model in the driver first")
+    r.add_argument("--run-dir", help="run directory (default runs/<run-id>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def explicit_flags(parser, argv: list[str]) -> set[str]:
+    """Destinations of the options written on the command line (abbreviations are disabled)."""
+    given = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(token == option or token.startswith(option + "=") for token in argv):
+                given.add(action.dest)
+    return given
+
+
+def _init_depth(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 1, 3
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--init-depth must be MIN:MAX with integers (e.g. 1:3), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def split_formulas(text: str | None) -> list[str]:
+    """Split on commas outside parentheses, so 'wanda,add(W, X)' is two items; 'none' is no item."""
+    if text is None:
+        text = DEFAULT_SEEDS
+    if text.strip() in ("", "none"):
+        return []
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    if any(not item for item in items):
+        raise UsageError(
+            f"--seed-formulas has an empty item in {text!r}; e.g. --seed-formulas wanda,magnitude"
+        )
+    return items
+
+
+def resolve_seed_formulas(items: list[str]) -> tuple[str, ...]:
+    from primitives import KNOWN_FORMULAS, parse_formula
+
+    texts = []
+    for item in items:
+        text = KNOWN_FORMULAS.get(item, item)
+        parse_formula(text)  # hostile or broken text stops here, as one line
+        texts.append(text)
+    return tuple(texts)
+
+
+def settings_from_args(args) -> SearchSettings:
+    from fitness.setup import EvaluatorSettings
+    from pruning_core.data import CORPORA
+    from pruning_core.masks import parse_pattern
+
+    profile = PROFILES[args.profile]
+
+    def pick(name, default):
+        value = getattr(args, name)
+        return default if value is None else value
+
+    sparsity, n, m = parse_pattern(args.pattern, pick("sparsity", 0.5))
+    for flag, name in (
+        ("--calib", pick("calib", "c4")),
+        ("--fitness-data", pick("fitness_data", "wikitext2-valid")),
+    ):
+        if name not in CORPORA:
+            raise UsageError(f"unknown {flag} {name!r}; choose one of: {', '.join(CORPORA)}")
+    evaluator = EvaluatorSettings(
+        model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
+        calib=pick("calib", "c4"), nsamples=pick("nsamples", profile["nsamples"]),
+        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", 0), sparsity=sparsity, n=n, m=m,
+        group=pick("group", "row"), fitness_data=pick("fitness_data", "wikitext2-valid"),
+        fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
+        fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
+        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]),
+    )  # fmt: skip
+    min_depth, max_depth = _init_depth(args.init_depth)
+    defaults = SearchSettings(generations=profile["generations"], population=profile["population"])
+    settings = SearchSettings(
+        generations=pick("generations", profile["generations"]),
+        population=pick("population", profile["population"]),
+        seed=pick("seed", defaults.seed), cx_prob=pick("cx_prob", defaults.cx_prob),
+        mut_prob=pick("mut_prob", defaults.mut_prob), tournament=pick("tournament", defaults.tournament),
+        elite=pick("elite", defaults.elite), hof_size=pick("hof_size", defaults.hof_size),
+        init_min_depth=min_depth, init_max_depth=max_depth, max_depth=pick("max_depth", defaults.max_depth),
+        max_size=pick("max_size", defaults.max_size),
+        seed_formulas=resolve_seed_formulas(split_formulas(args.seed_formulas)),
+        multi_fidelity=not args.no_multi_fidelity, confirm=pick("confirm", profile["confirm"]), evaluator=evaluator,
+    )  # fmt: skip
+    check_search(settings)
+    return settings
+
+
+def execution_from_args(args, device: str | None) -> ExecutionSettings:
+    profile = PROFILES[args.profile]
+
+    def pick(name):
+        value = getattr(args, name)
+        return profile[name] if value is None else value
+
+    use_gpu = _uses_gpu(device)
+    workers = pick("workers")
+    if args.workers is None and use_gpu and args.address is None:
+        import torch
+
+        workers = max(1, torch.cuda.device_count())  # one actor per local GPU
+    execution = ExecutionSettings(
+        workers=workers,
+        threads=pick("threads"),
+        address=args.address,
+        candidate_timeout=pick("candidate_timeout"),
+        use_gpu=use_gpu,
+        preflight=not args.no_preflight,
+        progress=not (args.quiet or args.json),
+    )
+    check_execution(execution)
+    return execution
+
+
+def _uses_gpu(device: str | None) -> bool:
+    if device:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resume_settings(args, given: set[str]):
+    from metric_search.config import with_generations
+    from metric_search.results import load_run
+
+    run = load_run(args.resume, "--resume")
+    fresh = settings_from_args(args)  # also checks every flag's value
+    saved = run.settings
+    for dest in sorted(given - RESUMABLE):
+        mine, theirs = _flag_value(fresh, dest), _flag_value(saved, dest)
+        if mine != theirs:
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(
+                f"{flag} {mine} differs from the run's {theirs}; a resume continues the same search "
+                f"(drop {flag}, or start a new run)"
+            )
+    settings = saved
+    if "generations" in given:
+        done = run.state.generation + 1
+        if fresh.generations < done:
+            raise UsageError(f"--generations {fresh.generations} is less than the {done} the run has done")
+        settings = with_generations(saved, fresh.generations)
+    # Where and how to run may change on resume; a flag not given keeps the run's own value.
+    overrides = {field: getattr(fresh.evaluator, field) for field in ("device", "dtype", "cache_dir", "data_dir")
+                 if field in given}  # fmt: skip
+    if "candidate_timeout" in given:
+        overrides["timeout_s"] = fresh.evaluator.timeout_s
+    return run, replace(settings, evaluator=replace(settings.evaluator, **overrides))
+
+
+def _flag_value(settings: SearchSettings, dest: str):
+    evaluator = settings.evaluator
+    mapping = {
+        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.seed, "pattern": (evaluator.n, evaluator.m),
+        "sparsity": evaluator.sparsity, "init_depth": (settings.init_min_depth, settings.init_max_depth),
+        "no_multi_fidelity": not settings.multi_fidelity, "seed_formulas": settings.seed_formulas,
+    }  # fmt: skip
+    if dest in mapping:
+        return mapping[dest]
+    if hasattr(settings, dest):
+        return getattr(settings, dest)
+    return getattr(evaluator, dest)

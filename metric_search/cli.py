@@ -1,0 +1,194 @@
+"""`python -m metric_search` (search), `... validate RUN_DIR`, `... export RUN_DIR`.
+
+Every flag is checked before anything is written, so a bad input is one stderr line, exit code 2,
+and an existing run directory unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metric_search.arguments import (
+    execution_from_args,
+    explicit_flags,
+    resume_settings,
+    search_parser,
+    settings_from_args,
+)
+from metric_search.config import ExecutionSettings, SearchSettings
+from pruning_core.cli_common import OneLineParser, add_model_flags, emit, run_cli
+from pruning_core.errors import UsageError
+
+
+@dataclass
+class SearchPlan:
+    settings: SearchSettings
+    execution: ExecutionSettings
+    run_dir: Path
+    run_id: str
+    resume_config: dict | None  # the run's config.json when resuming
+    as_json: bool
+
+
+def plan_search(argv: list[str]) -> SearchPlan:
+    """Every check that needs no model: flags, seed formulas, the run directory, the cluster address."""
+    from metric_search import cluster, rundir
+    from metric_search.engine import Engine
+
+    parser = search_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.run_dir:
+        raise UsageError("pass either --resume RUN_DIR or --run-dir DIR, not both")
+    if args.resume:
+        run, settings = resume_settings(args, explicit_flags(parser, argv))
+        run_dir, run_id, config = run.path, run.config["run_id"], run.config
+    else:
+        settings = settings_from_args(args)
+        run_id = rundir.new_run_id(settings.evaluator.model, settings.seed)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_id
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            rundir.prepare_new_run_dir(run_dir)  # raises the one-line "already exists" error
+        config = None
+    execution = execution_from_args(args, settings.evaluator.device)
+    Engine(settings)  # seed formulas must have a GP form: fail now rather than after loading models
+    cluster.check_address(execution.address)
+    return SearchPlan(settings, execution, run_dir, run_id, config, args.json)
+
+
+def preflight(settings: SearchSettings, progress: bool) -> None:
+    """Load the model, the statistics (computed once here and cached for the actors) and the fitness
+    data in the driver: a bad model path or architecture is one clear line before any run directory."""
+    import gc
+
+    from fitness.setup import build_evaluator
+
+    evaluator = build_evaluator(settings.evaluator, progress=progress)
+    del evaluator
+    gc.collect()
+
+
+def cmd_search(argv: list[str]) -> int:
+    from metric_search import cluster, rundir
+    from metric_search.dispatch import PoolError
+    from metric_search.report import write_report
+    from metric_search.results import hall_of_fame_entries, load_run
+    from metric_search.search import Search, start_run
+
+    plan = plan_search(argv)
+    started = time.monotonic()
+    x = plan.execution
+    if x.preflight:
+        preflight(plan.settings, x.progress)
+    started_ray = cluster.connect(x.address, x.workers * x.threads, x.use_gpu)
+    try:
+        if plan.resume_config is None:
+            start_run(plan.settings, plan.run_dir, plan.run_id, x)
+        elif plan.settings.as_dict() != plan.resume_config["settings"]:
+            config = {**plan.resume_config, "settings": plan.settings.as_dict()}
+            rundir.atomic_write_json(plan.run_dir / rundir.CONFIG, config)
+        search = Search(plan.settings, x, plan.run_dir)
+        try:
+            state = search.run()
+        except PoolError as err:  # the actors cannot start: a setup problem, not a bad candidate
+            print(f"error: {err}; fix it and continue with --resume {plan.run_dir}", file=sys.stderr)
+            return 1
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    write_report(plan.run_dir, load_run(plan.run_dir).config, state)
+    hall = hall_of_fame_entries(state)
+    wanda = (state.baselines.get("wanda") or {}).get("ppl") or {}
+    result = {
+        "run_dir": str(plan.run_dir),
+        "run_id": plan.run_id,
+        "generations": state.generation + 1,
+        "best": hall[0] if hall else None,
+        "hall_of_fame": hall,
+        "wanda_ppl": wanda.get("fitness"),
+        "actors_replaced": search.actors_replaced,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    best = f"best `{hall[0]['formula']}` ppl {hall[0]['ppl']:.4f}" if hall else "no formula confirmed"
+    human = (
+        f"{plan.run_dir}: {result['generations']} generations, {best} (wanda {result['wanda_ppl']}), "
+        f"{result['seconds']:.0f} s; report {plan.run_dir / 'report.md'}"
+    )
+    emit(result, plan.as_json, human)
+    return 0
+
+
+def cmd_validate(argv: list[str]) -> int:
+    from metric_search.validate import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES, validate_run
+
+    p = OneLineParser(
+        prog="python -m metric_search validate",
+        allow_abbrev=False,
+        description="The best formulas of a run on WikiText-2 test through the sequential pruning driver.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--profile", choices=sorted(VALIDATE_PROFILES), default="cpu", help="defaults for CPU or GPU"
+    )
+    p.add_argument("--top", type=int, help="hall-of-fame formulas to validate (cpu 1, gpu 3)")
+    p.add_argument("--patterns", default=DEFAULT_PATTERNS, help=f"comma list ({DEFAULT_PATTERNS})")
+    p.add_argument("--baselines", default=DEFAULT_BASELINES, help=f"comma list ({DEFAULT_BASELINES})")
+    p.add_argument("--nsamples", type=int, help="calibration windows (cpu 32, gpu 128)")
+    p.add_argument("--seqlen", type=int, help="calibration and evaluation window length (cpu 512, gpu 2048)")
+    p.add_argument("--max-windows", type=int, help="first N test windows (cpu 40, gpu all: pass 0 for all)")
+    p.add_argument("--calib", default=None, help="calibration corpus (the run's)")
+    add_model_flags(p)
+    args = p.parse_args(argv)
+    if "model" in explicit_flags(p, argv):
+        raise UsageError("validate uses the run's model; drop --model")
+    profile = VALIDATE_PROFILES[args.profile]
+    chosen = {k: profile[k] if getattr(args, k) is None else getattr(args, k) for k in profile}
+    chosen["max_windows"] = chosen["max_windows"] or None  # 0: the whole test split
+
+    def show(cell):
+        if not args.json:
+            print(f"{cell['pattern']:>6} {cell['metric']}: ppl {cell['ppl']:.3f}", file=sys.stderr)
+
+    result = validate_run(
+        args.run_dir, patterns=args.patterns, baselines=args.baselines, calib=args.calib, device=args.device,
+        dtype=args.dtype, data_dir=args.data_dir, cache=args.cache_dir, on_cell=show, **chosen,
+    )  # fmt: skip
+    emit(result, args.json, f"wrote {Path(args.run_dir) / 'validation.md'}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    from metric_search.export import export_plugins
+
+    p = OneLineParser(
+        prog="python -m metric_search export",
+        allow_abbrev=False,
+        description="Write the best formulas of a run as scorer plugins (JSON data files, never code).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--top", type=int, default=1, help="how many of the best formulas (1)")
+    p.add_argument("--dir", default=None, help="plugin folder (default: the user plugin dir)")
+    p.add_argument("--name", default=None, help="plugin name (NAME-RANK when --top > 1)")
+    p.add_argument("--force", action="store_true", help="replace plugin files with the same name")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    written = export_plugins(args.run_dir, args.top, args.dir, args.name, args.force)
+    lines = [f"{w['name']}: {w['formula']} -> {w['path']}" for w in written]
+    emit({"plugins": written}, args.json, "\n".join(lines))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"validate": cmd_validate, "export": cmd_export}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return cmd_search(argv)
+
+
+def entry(argv=None) -> None:
+    sys.exit(run_cli(main, argv))

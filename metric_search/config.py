@@ -1,0 +1,169 @@
+"""Search settings: the two documented profiles, value checks (one-line errors), and JSON round trip.
+
+``SearchSettings`` define a run (saved in config.json; a resume must not change them, except
+``generations`` to extend a run). ``ExecutionSettings`` say how to run it (workers, cluster, timeouts)
+and may differ between a run and its resume without changing the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from fitness.setup import EvaluatorSettings
+from pruning_core.errors import UsageError
+
+CONFIG_VERSION = 1
+
+# CPU profile: the README's main command on smollm2-135m finishes in <= 30 minutes on 2 cores.
+# Measured with one thread per actor: statistics once per (model, calibration) ~3.5 min, cached after;
+# the proxy ~4 s per candidate, perplexity on 4 windows of 256 tokens ~9.5 s. The proxy screens every
+# new candidate and perplexity confirms `confirm` per generation (one round on the two actors).
+CPU_PROFILE = {
+    "generations": 20,
+    "population": 24,
+    "confirm": 2,
+    "nsamples": 32,
+    "seqlen": 256,
+    "fitness_windows": 4,
+    "fitness_seqlen": 256,
+    "workers": 2,
+    "threads": 1,
+    "candidate_timeout": 300.0,
+}
+# GPU profile: one actor per GPU (all local GPUs unless --workers; on a cluster pass --workers), a larger
+# population, more calibration and more fitness windows, so perplexity differences between candidates
+# are well above window-to-window noise.
+GPU_PROFILE = {
+    "generations": 50,
+    "population": 64,
+    "confirm": 8,
+    "nsamples": 128,
+    "seqlen": 512,
+    "fitness_windows": 16,
+    "fitness_seqlen": 512,
+    "workers": 1,
+    "threads": 4,
+    "candidate_timeout": 600.0,
+}
+PROFILES = {"cpu": CPU_PROFILE, "gpu": GPU_PROFILE}
+
+BASELINES = ("wanda", "magnitude", "pruner-zero")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    generations: int
+    population: int
+    seed: int = 0
+    cx_prob: float = 0.6
+    mut_prob: float = 0.3
+    tournament: int = 3
+    elite: int = 2
+    hof_size: int = 10
+    init_min_depth: int = 1
+    init_max_depth: int = 3
+    max_depth: int = 6
+    max_size: int = 24
+    seed_formulas: tuple[str, ...] = ()
+    multi_fidelity: bool = True
+    confirm: int = 3
+    evaluator: EvaluatorSettings = EvaluatorSettings()
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["seed_formulas"] = list(self.seed_formulas)
+        return data
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    workers: int = 2
+    threads: int = 1
+    address: str | None = None
+    candidate_timeout: float = 300.0
+    use_gpu: bool = False
+    preflight: bool = True
+    progress: bool = True
+
+    @property
+    def hard_timeout(self) -> float:
+        """The dispatcher kills an actor only after the evaluator's own deadline had its chance."""
+        return self.candidate_timeout + max(10.0, 0.25 * self.candidate_timeout)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def check_search(settings: SearchSettings) -> None:
+    """Every value in range, or one line naming the flag and the fix."""
+    s = settings
+    _check(s.generations >= 1, f"--generations must be >= 1, got {s.generations}")
+    _check(s.population >= 2, f"--population must be >= 2, got {s.population}")
+    for flag, value in (("--cx-prob", s.cx_prob), ("--mut-prob", s.mut_prob)):
+        _check(math.isfinite(value) and 0.0 <= value <= 1.0, f"{flag} must be in [0, 1], got {value}")
+    _check(
+        1 <= s.tournament <= s.population,
+        f"--tournament must be between 1 and --population ({s.population}), got {s.tournament}",
+    )
+    _check(0 <= s.elite < s.population, f"--elite must be in [0, --population), got {s.elite}")
+    _check(s.hof_size >= 1, f"--hof-size must be >= 1, got {s.hof_size}")
+    _check(
+        1 <= s.init_min_depth <= s.init_max_depth,
+        f"--init-depth must be MIN:MAX with 1 <= MIN <= MAX, got {s.init_min_depth}:{s.init_max_depth}",
+    )
+    _check(
+        s.max_depth >= s.init_max_depth,
+        f"--max-depth ({s.max_depth}) must be >= the initial depth limit ({s.init_max_depth})",
+    )
+    _check(s.max_size >= 3, f"--max-size must be >= 3, got {s.max_size}")
+    _check(s.confirm >= 1, f"--confirm must be >= 1, got {s.confirm}")
+    e = s.evaluator
+    _check(e.nsamples >= 1, f"--nsamples must be >= 1, got {e.nsamples}")
+    _check(e.calib_seqlen >= 8, f"--seqlen must be >= 8, got {e.calib_seqlen}")
+    _check(e.fitness_windows >= 1, f"--fitness-windows must be >= 1, got {e.fitness_windows}")
+    _check(e.fitness_seqlen >= 8, f"--fitness-seqlen must be >= 8, got {e.fitness_seqlen}")
+    _check(e.group in ("row", "matrix"), f"unknown --group {e.group!r}; use row or matrix")
+
+
+def check_execution(execution: ExecutionSettings) -> None:
+    x = execution
+    _check(x.workers >= 1, f"--workers must be >= 1, got {x.workers}")
+    _check(x.threads >= 1, f"--threads must be >= 1, got {x.threads}")
+    _check(
+        math.isfinite(x.candidate_timeout) and x.candidate_timeout > 0,
+        f"--candidate-timeout must be a positive number of seconds, got {x.candidate_timeout}",
+    )
+
+
+def settings_from_dict(data: dict, origin: str) -> SearchSettings:
+    """Rebuild settings from config.json; anything unexpected is one line naming the file."""
+    try:
+        evaluator_fields = {f.name for f in fields(EvaluatorSettings)}
+        evaluator = data["evaluator"]
+        if not isinstance(evaluator, dict) or set(evaluator) - evaluator_fields:
+            raise ValueError("evaluator")
+        search_fields = {f.name for f in fields(SearchSettings)} - {"evaluator"}
+        values = {k: v for k, v in data.items() if k in search_fields}
+        if set(data) - search_fields - {"evaluator"}:
+            raise ValueError("unknown fields")
+        values["seed_formulas"] = tuple(str(t) for t in values.get("seed_formulas", ()))
+        settings = SearchSettings(**values, evaluator=EvaluatorSettings(**evaluator))
+        _check_types(settings)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{origin} is not a valid metric_search config ({err}); start a new run") from err
+    return settings
+
+
+def _check_types(settings: SearchSettings) -> None:
+    for f in fields(SearchSettings):
+        value = getattr(settings, f.name)
+        kind = {"int": int, "float": (int, float), "bool": bool}.get(str(f.type))
+        if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise TypeError(f"{f.name} has type {type(value).__name__}")
+
+
+def with_generations(settings: SearchSettings, generations: int) -> SearchSettings:
+    return replace(settings, generations=generations)

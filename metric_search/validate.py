@@ -1,0 +1,202 @@
+"""`validate`: the top formulas of a run through the pruning core's sequential driver, perplexity on
+WikiText-2 *test* (the split the search never saw), at the run's sparsity and at 2:4, 4:8 and 60%,
+next to published metrics; a markdown table (and JSON) in the run directory, updated after every cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metric_search import rundir
+from metric_search.results import load_run
+from pruning_core.errors import UsageError
+from pruning_core.masks import parse_pattern
+from pruning_core.scorers import SparsitySpec
+
+DEFAULT_PATTERNS = "run,2:4,4:8,0.6"
+DEFAULT_BASELINES = "wanda,sparsegpt,ria,pruner-zero"
+EVAL_DATA = "wikitext2-test"
+# CPU: about a minute per cell for smollm2-135m on 2 cores (one formula, four baselines, four patterns:
+# 20 cells); GPU: the usual paper setting, the whole test split.
+VALIDATE_PROFILES = {
+    "cpu": {"top": 1, "nsamples": 32, "seqlen": 512, "max_windows": 40},
+    "gpu": {"top": 3, "nsamples": 128, "seqlen": 2048, "max_windows": 0},
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    scorer: str | None = None  # a registered scorer
+    formula: str | None = None  # or a formula of the run
+    group: str | None = None  # None: the scorer's own default
+
+
+def parse_patterns(
+    text: str, run_pattern: tuple[float, int, int]
+) -> list[tuple[str, tuple[float, int, int]]]:
+    """'run,2:4,0.6' -> [(label, (sparsity, n, m))], without repeats."""
+    patterns: dict[tuple, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item == "run":
+            value = run_pattern
+        elif ":" in item:
+            value = parse_pattern(item, None)
+        else:
+            try:
+                sparsity = float(item)
+            except ValueError as err:
+                raise UsageError(
+                    f"--patterns item {item!r} is not 'run', N:M or a sparsity like 0.6"
+                ) from err
+            value = parse_pattern(None, sparsity)
+        label = f"{value[1]}:{value[2]}" if value[2] else f"{value[0]:.0%}"
+        patterns.setdefault(value, label)
+    if not patterns:
+        raise UsageError("--patterns is empty; pass e.g. run,2:4,4:8,0.6")
+    return [(label, value) for value, label in patterns.items()]
+
+
+def plan_rows(run, top: int, baselines: str) -> list[Row]:
+    from pruning_core.scorers import resolve_scorer
+
+    hall = run.state.hall_of_fame
+    if top < 0:
+        raise UsageError(f"--top must be >= 0, got {top}")
+    if top > len(hall):
+        raise UsageError(
+            f"run {run.path} has {len(hall)} formulas in its hall of fame; pass --top {len(hall)} or less"
+        )
+    group = "row" if run.settings.evaluator.m else run.settings.evaluator.group
+    rows = [Row(f"#{rank} `{key}`", formula=key, group=group) for rank, key in enumerate(hall[:top], start=1)]
+    for name in (n.strip() for n in baselines.split(",")):
+        if name:
+            rows.append(Row(name, scorer=resolve_scorer(name).name))
+    if not rows:
+        raise UsageError("nothing to validate; pass --top K and/or --baselines NAMES")
+    return rows
+
+
+def dense_ppl(model_spec: str, seqlen: int, max_windows, device, dtype, data_dir, cache) -> float:
+    from pruning_core.data import load_rows, tokenize_corpus
+    from pruning_core.models import load_model
+    from pruning_core.perplexity import make_windows, perplexity
+
+    model, tokenizer = load_model(model_spec, dtype, device, cache)
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows(EVAL_DATA, data_dir)), seqlen, max_windows)
+    return perplexity(model, windows, progress=False)["ppl"]
+
+
+def render(run, settings: dict, patterns, rows: list[Row], cells: dict, dense: float | None) -> str:
+    labels = [label for label, _ in patterns]
+    lines = [
+        f"# Validation of run `{run.config['run_id']}`",
+        "",
+        f"Perplexity on {EVAL_DATA} ({settings['max_windows'] or 'all'} windows of {settings['seqlen']} tokens) "
+        f"after sequential pruning of `{run.settings.evaluator.model}` with {settings['nsamples']} x "
+        f"{settings['seqlen']} tokens of `{settings['calib']}` (seed {settings['calib_seed']}). Lower is better.",
+        "",
+        "| metric | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    if dense is not None:
+        lines.append("| dense | " + " | ".join(f"{dense:.3f}" for _ in labels) + " |")
+    for row in rows:
+        values = [cells.get((row.label, label)) for label in labels]
+        lines.append(
+            f"| {row.label} | " + " | ".join("..." if v is None else f"{v:.3f}" for v in values) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def validate_run(
+    run_dir,
+    top: int = 3,
+    patterns: str = DEFAULT_PATTERNS,
+    baselines: str = DEFAULT_BASELINES,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    calib: str | None = None,
+    calib_seed: int | None = None,
+    device=None,
+    dtype=None,
+    data_dir=None,
+    cache=None,
+    progress: bool = False,
+    on_cell=None,
+) -> dict:
+    """Fill the table cell by cell (rewriting validation.md / .json each time); return its data."""
+    from fitness.validate import validate_scorer
+
+    run = load_run(run_dir)
+    evaluator = run.settings.evaluator
+    if nsamples < 1 or seqlen < 8 or (max_windows is not None and max_windows < 1):
+        raise UsageError("--nsamples and --max-windows must be >= 1 and --seqlen >= 8")
+    run_pattern = (evaluator.sparsity, evaluator.n, evaluator.m)
+    plan = parse_patterns(patterns, run_pattern)
+    rows = plan_rows(run, top, baselines)
+    settings = {
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "max_windows": max_windows,
+        "calib": calib or evaluator.calib,
+        "calib_seed": evaluator.seed if calib_seed is None else calib_seed,
+    }
+    common = {
+        "calib": settings["calib"],
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": settings["calib_seed"],
+        "eval_data": EVAL_DATA,
+        "max_windows": max_windows,
+        "device": device,
+        "dtype": dtype,
+        "data_dir": data_dir,
+        "cache": cache,
+        "progress": progress,
+    }
+    dense = dense_ppl(evaluator.model, seqlen, max_windows, device, dtype, data_dir, cache)
+    cells: dict[tuple[str, str], float] = {}
+    records = []
+    for label, (sparsity, n, m) in plan:
+        for row in rows:
+            group = row.group or _default_group(row.scorer)
+            result = validate_scorer(
+                evaluator.model,
+                SparsitySpec(sparsity, n, m, group),
+                scorer_name=row.scorer,
+                formula=row.formula,
+                **common,
+            )
+            cells[(row.label, label)] = result["ppl"]
+            records.append(
+                {
+                    "metric": row.label,
+                    "scorer": row.scorer,
+                    "formula": row.formula,
+                    "pattern": label,
+                    "group": group,
+                    "ppl": result["ppl"],
+                    "sparsity": result["sparsity"],
+                }
+            )
+            _write(run, settings, plan, rows, cells, dense, records)
+            if on_cell is not None:
+                on_cell(records[-1])
+    return {"run_id": run.config["run_id"], "dense_ppl": dense, "settings": settings, "cells": records}
+
+
+def _default_group(scorer_name: str) -> str:
+    from pruning_core.scorers import resolve_scorer
+
+    return resolve_scorer(scorer_name).default_group
+
+
+def _write(run, settings, plan, rows, cells, dense, records) -> None:
+    rundir.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, cells, dense))
+    rundir.atomic_write_json(
+        run.path / rundir.VALIDATION_JSON,
+        {"run_id": run.config["run_id"], "dense_ppl": dense, "settings": settings, "cells": records},
+    )

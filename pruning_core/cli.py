@@ -1,0 +1,237 @@
+"""`python -m pruning_core {eval,prune,scorers}`."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+from pruning_core.cli_common import OneLineParser, add_model_flags, emit, run_cli
+from pruning_core.errors import UsageError
+
+
+def peak_memory_mb() -> dict:
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    import torch
+
+    if torch.cuda.is_available():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _eval_windows(tokenizer, model, args, dataset: str):
+    from pruning_core.data import load_rows, tokenize_corpus
+    from pruning_core.perplexity import check_seqlen, make_windows
+
+    check_seqlen(model, args.seqlen)
+    rows = load_rows(dataset, args.data_dir)
+    return make_windows(tokenize_corpus(tokenizer, rows), args.seqlen, args.max_windows)
+
+
+def _check_eval_flags(args) -> None:
+    from pruning_core.data import CORPORA
+
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError(f"--max-windows must be >= 1, got {args.max_windows}")
+    tasks = getattr(args, "tasks", None) or getattr(args, "eval_tasks", None)
+    if tasks:
+        from pruning_core.zeroshot import parse_tasks
+
+        parse_tasks(tasks)  # fail on a bad task name before the model loads
+    for name in filter(None, [getattr(args, "data", None), getattr(args, "eval", None)]):
+        if name not in CORPORA:
+            raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(CORPORA)}")
+
+
+def cmd_eval(args) -> int:
+    from pruning_core.models import load_model
+    from pruning_core.perplexity import perplexity
+
+    _check_eval_flags(args)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    windows = _eval_windows(tokenizer, model, args, args.data)
+    result = perplexity(model, windows, args.batch_size, progress=not args.json)
+    result.update(model=args.model, data=args.data, seqlen=args.seqlen, **peak_memory_mb())
+    if args.tasks:
+        result["zeroshot"] = _zeroshot(model, tokenizer, args)
+    emit(
+        result,
+        args.json,
+        f"{args.model} {args.data} seqlen {args.seqlen}: ppl {result['ppl']:.4f} "
+        f"over {result['windows']} windows ({result['seconds']:.1f} s)",
+    )
+    return 0
+
+
+def _zeroshot(model, tokenizer, args) -> dict:
+    from pruning_core.zeroshot import evaluate_zeroshot, parse_tasks
+
+    return evaluate_zeroshot(
+        model, tokenizer, parse_tasks(args.tasks), limit=args.limit, data_dir=args.data_dir
+    )
+
+
+def cmd_prune(args) -> int:
+    from pruning_core.data import load_rows, tokenize_corpus
+    from pruning_core.masks import parse_pattern
+    from pruning_core.plugins import add_plugin_dir
+    from pruning_core.scorers import SparsitySpec, resolve_scorer
+
+    _check_eval_flags(args)
+    sparsity, n, m = parse_pattern(args.pattern, args.sparsity)
+    if args.plugins:
+        add_plugin_dir(args.plugins)
+    scorer = resolve_scorer(args.scorer, args.formula, args.group)
+    group = args.group or scorer.default_group
+    if group not in ("row", "matrix"):
+        raise UsageError(f"unknown --group {group!r}; use row or matrix")
+    spec = SparsitySpec(sparsity, n, m, group)
+
+    from pruning_core.models import cache_dir, load_model
+    from pruning_core.perplexity import check_seqlen, perplexity
+    from pruning_core.pruning import calibrate_and_prune
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    check_seqlen(model, args.seqlen)
+    started = time.perf_counter()
+    calib = tokenize_corpus(tokenizer, load_rows(args.calib, args.data_dir))
+    report = calibrate_and_prune(
+        model,
+        scorer,
+        spec,
+        calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        calib_name=args.calib,
+        cache_root=cache_dir(args.cache_dir),
+        owl=args.owl,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        batch_size=args.calib_batch_size,
+        offload=args.offload_activations,
+        progress=not args.json,
+    )
+    result = {
+        "model": args.model,
+        "scorer": scorer.name,
+        "formula": args.formula,
+        "sparsity_target": sparsity,
+        "pattern": spec.describe(),
+        "group": group,
+        "calib": args.calib,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "owl": args.owl,
+        **report,
+        "seconds_total_prune": time.perf_counter() - started,
+    }
+    if args.eval:
+        windows = _eval_windows(tokenizer, model, args, args.eval)
+        ppl = perplexity(model, windows, args.batch_size, progress=not args.json)
+        result.update(
+            eval=args.eval, ppl=ppl["ppl"], eval_windows=ppl["windows"], seconds_eval=ppl["seconds"]
+        )
+    if args.eval_tasks:
+        args.tasks = args.eval_tasks
+        result["zeroshot"] = _zeroshot(model, tokenizer, args)
+    if args.save:
+        from pruning_core.save import save_pruned
+
+        save_pruned(model, tokenizer, args.save, {k: v for k, v in result.items() if k != "per_linear"})
+        result["saved"] = args.save
+    result.update(peak_memory_mb())
+    ppl_text = f", {args.eval} ppl {result['ppl']:.4f}" if args.eval else ""
+    emit(
+        result,
+        args.json,
+        f"{scorer.name} {spec.describe()} ({group}): sparsity "
+        f"{result['sparsity']:.4f}{ppl_text}, prune {result['seconds_prune']:.1f} s",
+    )
+    return 0
+
+
+def cmd_scorers(args) -> int:
+    from pruning_core.plugins import add_plugin_dir, load_plugins
+    from pruning_core.scorers import registered
+
+    if args.plugins:
+        add_plugin_dir(args.plugins)
+    load_plugins()
+    rows = [
+        {
+            "name": s.name,
+            "stats": list(s.stats),
+            "default_group": s.default_group,
+            "reference": s.reference,
+            "kind": "solver" if hasattr(s, "prune") else ("plugin" if hasattr(s, "provenance") else "scorer"),
+        }
+        for s in sorted(registered().values(), key=lambda s: s.name)
+    ]
+    lines = [
+        f"{r['name']:<16} {r['kind']:<7} stats={','.join(r['stats']) or '-':<10} "
+        f"group={r['default_group']:<7} {r['reference']}"
+        for r in rows
+    ]
+    emit({"scorers": rows}, args.json, "\n".join(lines))
+    return 0
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m pruning_core", description="Prune and evaluate HF decoders.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    def eval_flags(p, default_windows=None):
+        p.add_argument("--seqlen", type=int, default=512)
+        p.add_argument(
+            "--max-windows", type=int, default=default_windows, help="evaluate only the first N windows"
+        )
+        p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+        p.add_argument("--limit", type=int, default=None, help="zero-shot: documents per task")
+
+    ev = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
+    add_model_flags(ev)
+    ev.add_argument("--data", default="wikitext2-test", help="wikitext2-test, wikitext2-valid or c4")
+    ev.add_argument(
+        "--tasks", default=None, help="zero-shot tasks: 'zeroshot' or a comma list (arc_easy,boolq)"
+    )
+    eval_flags(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("prune", help="prune a model layer by layer, evaluate, save")
+    add_model_flags(pr)
+    pr.add_argument("--scorer", default=None, help="a scorer name (see `scorers`)")
+    pr.add_argument("--formula", default=None, help="a formula over W, X, G, H, U, e.g. 'abs(W) * X'")
+    pr.add_argument("--plugins", default=None, help="a directory with scorer plugin .json files")
+    pr.add_argument("--sparsity", type=float, default=0.5)
+    pr.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
+    pr.add_argument("--group", default=None, help="row or matrix (default: the scorer's paper)")
+    pr.add_argument("--calib", default="c4")
+    pr.add_argument("--nsamples", type=int, default=128)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--calib-batch-size", type=int, default=8)
+    pr.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+    pr.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity (OWL)")
+    pr.add_argument("--owl-m", type=float, default=5.0)
+    pr.add_argument("--owl-lambda", type=float, default=0.08)
+    pr.add_argument("--eval", default=None, help="dataset to evaluate after pruning, e.g. wikitext2-test")
+    pr.add_argument("--eval-tasks", default=None, help="zero-shot tasks after pruning")
+    pr.add_argument("--save", default=None, help="save the pruned model here (HF format + pruning.json)")
+    eval_flags(pr)
+    pr.set_defaults(func=cmd_prune)
+
+    sc = sub.add_parser("scorers", help="list scorers, solvers and plugins")
+    sc.add_argument("--plugins", default=None)
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=cmd_scorers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def entry(argv=None) -> None:
+    sys.exit(run_cli(main, argv))

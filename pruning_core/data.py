@@ -1,0 +1,96 @@
+"""Text corpora by name, read through `datasets` from the local data dir (or the hub), and the seeded
+calibration sampler."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pruning_core.errors import UsageError
+
+DATA_DIR_ENV = "METRIC_SEARCH_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    local_file: str  # relative to the data dir
+    builder: str  # datasets builder for the local file
+    hub: tuple  # load_dataset args for users with network
+    split: str
+    is_wikitext: bool
+
+
+CORPORA = {
+    "wikitext2-test": Corpus(
+        "wikitext-2-raw/wiki.test.raw", "text", ("wikitext", "wikitext-2-raw-v1"), "test", True
+    ),
+    "wikitext2-valid": Corpus(
+        "wikitext-2-raw/wiki.valid.raw", "text", ("wikitext", "wikitext-2-raw-v1"), "validation", True
+    ),
+    "c4": Corpus(
+        "c4/c4_train_shard0_first1000.jsonl",
+        "json",
+        ("allenai/c4", "en"),
+        "train",
+        False,
+    ),
+}
+
+
+def default_data_dir() -> Path:
+    """$METRIC_SEARCH_DATA_DIR, else ../shared/data relative to the project root."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def load_rows(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rows of a corpus: WikiText-2 exactly as the HF ``wikitext-2-raw-v1`` loader gives them, C4 texts."""
+    if name not in CORPORA:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(CORPORA)}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    corpus = CORPORA[name]
+    path = Path(data_dir) if data_dir else default_data_dir()
+    local = path / corpus.local_file
+    if local.is_file():
+        # keep_linebreaks: the HF wikitext rows end with "\n"; blank lines become "".
+        kwargs = {"keep_linebreaks": True} if corpus.builder == "text" else {}
+        table = datasets.load_dataset(corpus.builder, data_files=str(local), split="train", **kwargs)
+    elif data_dir is not None or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UsageError(f"{local} not found; pass --data-dir DIR (or set {DATA_DIR_ENV}) to the data folder")
+    else:
+        try:
+            table = datasets.load_dataset(*corpus.hub, split=corpus.split)
+        except Exception as err:  # network and hub errors come in many types
+            raise UsageError(
+                f"{local} not found and the hub copy failed ({type(err).__name__}); pass --data-dir DIR"
+            ) from err
+    rows = table["text"]
+    if corpus.is_wikitext:
+        rows = [row if row.strip() else "" for row in rows]
+    return list(rows)
+
+
+def tokenize_corpus(tokenizer, rows: list[str]) -> torch.Tensor:
+    """Rows joined with "\\n\\n" and tokenized once (the SparseGPT/Wanda protocol): a 1-D LongTensor."""
+    ids = tokenizer("\n\n".join(rows), return_tensors="pt", verbose=False).input_ids
+    return ids[0]
+
+
+def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets of the concatenated documents.
+
+    Concatenation (not "a document longer than seqlen") because the C4 sample has few long documents.
+    """
+    if nsamples < 1:
+        raise UsageError(f"--nsamples must be >= 1, got {nsamples}")
+    if token_ids.numel() <= seqlen:
+        raise UsageError(f"calibration text has {token_ids.numel()} tokens, fewer than --seqlen {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, token_ids.numel() - seqlen, (nsamples,), generator=generator)
+    return torch.stack([token_ids[s : s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,62 @@
+"""Masks as pure functions of scores: higher score = keep. Ties are broken deterministically: among
+equal scores the weight with the lower index is pruned first (as a stable sort would)."""
+
+from __future__ import annotations
+
+import torch
+
+from pruning_core.errors import UsageError
+from pruning_core.spec import SparsitySpec
+
+
+def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask over the last dim of ``scores`` with the ``k`` lowest entries of every slice removed.
+
+    Same result as a stable argsort (among equal scores the lower index goes first) but O(n) per slice:
+    the k-th smallest value is the threshold, everything below it goes, and of the entries equal to it
+    only as many as are still needed, in index order.
+    """
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= scores.shape[-1]:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < threshold
+    ties = scores == threshold
+    still_needed = k - below.sum(dim=-1, keepdim=True)
+    pruned = below | (ties & (torch.cumsum(ties, dim=-1) <= still_needed))
+    return ~pruned
+
+
+def keep_mask(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Boolean keep-mask (same shape as ``scores``) for a 2-D score matrix (out x in)."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (out x in), got shape {tuple(scores.shape)}")
+    scores = scores.float()
+    rows, cols = scores.shape
+    if spec.is_nm:
+        if cols % spec.m:
+            raise UsageError(f"pattern {spec.n}:{spec.m} needs input size divisible by {spec.m}, got {cols}")
+        grouped = scores.reshape(rows, cols // spec.m, spec.m)
+        return _prune_lowest(grouped, spec.n).reshape(rows, cols)
+    if spec.group == "row":
+        return _prune_lowest(scores, round(spec.sparsity * cols))
+    if spec.group == "matrix":
+        flat = scores.reshape(1, -1)
+        return _prune_lowest(flat, round(spec.sparsity * flat.numel())).reshape(rows, cols)
+    raise UsageError(f"unknown group {spec.group!r}; use 'row' or 'matrix'")
+
+
+def parse_pattern(text: str | None, sparsity: float | None) -> tuple[float, int, int]:
+    """Parse ``--pattern`` (``N:M``) and ``--sparsity`` into (sparsity, n, m); m == 0 = unstructured."""
+    if text in (None, "", "unstructured"):
+        if sparsity is None or not 0.0 < sparsity < 1.0:
+            raise UsageError(f"--sparsity must be a number in (0, 1), got {sparsity}; e.g. --sparsity 0.5")
+        return float(sparsity), 0, 0
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--pattern must look like N:M with integers (e.g. 2:4), got {text!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise UsageError(f"--pattern {text!r} needs 0 < N < M (e.g. 2:4 or 4:8)")
+    return n / m, n, m

@@ -1,0 +1,31 @@
+"""Save a pruned model in Hugging Face format plus a pruning.json record, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def save_pruned(model, tokenizer, directory: str | os.PathLike, record: dict) -> Path:
+    """Write safetensors + config + tokenizer + pruning.json to ``directory`` via a staging dir."""
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        from pruning_core.errors import UsageError
+
+        raise UsageError(f"--save {target} exists and is not empty; pass a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "pruning.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

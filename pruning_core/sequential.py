@@ -1,0 +1,135 @@
+"""The sequential layer-wise driver: the one layer loop of the project.
+
+For each decoder block in order: forward hooks on its linears accumulate the statistics the scorer
+declares, the linears are pruned, and the block is re-run so that the next block calibrates on the
+outputs of the pruned prefix (SparseGPT/Wanda). ``sequential=False`` keeps the dense outputs instead
+(one-shot statistics of the dense model, as the fitness evaluator uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning_core.blocks import block_linears, capture_inputs, find_blocks
+from pruning_core.errors import UsageError
+from pruning_core.masks import keep_mask
+from pruning_core.scorers.base import SparsitySpec
+
+
+def prune_weight(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) -> torch.Tensor:
+    """The pruned (and for solvers, updated) weight in float32; pure: ``weight`` is not modified."""
+    if hasattr(scorer, "prune"):
+        return scorer.prune(weight.float(), stats, spec)
+    scores = scorer.score(weight.float(), stats)
+    if scores.shape != weight.shape:
+        raise UsageError(
+            f"scorer {scorer.name!r} returned shape {tuple(scores.shape)} for {tuple(weight.shape)}"
+        )
+    if not torch.isfinite(scores).all():
+        raise UsageError(f"scorer {scorer.name!r} produced NaN/inf scores; fix the formula or the statistics")
+    return weight.float() * keep_mask(scores, spec)
+
+
+@dataclass
+class BlockVisit:
+    """What a visitor sees of one block: its index, full name, linears and their statistics."""
+
+    index: int
+    name: str
+    linears: dict
+    stats: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def walk_blocks(
+    model,
+    windows: torch.Tensor,
+    stat_names: tuple[str, ...],
+    visit,
+    *,
+    sequential: bool = True,
+    batch_size: int = 8,
+    offload: bool = False,
+    progress: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """Calibrate block by block and call ``visit(BlockVisit)`` between statistics and propagation."""
+    from pruning_core.stats import HOOKED_STATS, LayerStats
+
+    prefix, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    bar = tqdm(blocks, desc=desc, unit="block", disable=not progress, leave=False)
+    if not set(stat_names) & set(HOOKED_STATS):  # nothing to calibrate: skip the forward passes
+        for index, block in enumerate(bar):
+            linears = block_linears(block)
+            visit(BlockVisit(index, f"{prefix}.{index}", linears, {name: {} for name in linears}))
+        return
+    inputs = capture_inputs(model, blocks[0], windows, batch_size, offload)
+    for index, block in enumerate(bar):
+        linears = block_linears(block)
+        collectors = {name: LayerStats(linear, stat_names) for name, linear in linears.items()}
+        last = index == len(blocks) - 1
+        inputs.run(block, device, keep_outputs=not sequential and not last)
+        stats = {name: collector.finalize() for name, collector in collectors.items()}
+        visit(BlockVisit(index, f"{prefix}.{index}", linears, stats))
+        if sequential and not last:
+            inputs.run(block, device, keep_outputs=True)
+
+
+def prune_model(
+    model,
+    scorer,
+    spec: SparsitySpec,
+    windows: torch.Tensor,
+    *,
+    gradients: dict[str, torch.Tensor] | None = None,
+    block_sparsities: list[float] | None = None,
+    sequential: bool = True,
+    batch_size: int = 8,
+    offload: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Prune every linear of every decoder block in place; return per-linear sparsity."""
+    if "G" in scorer.stats and gradients is None:
+        raise ValueError("this scorer needs gradients: pass gradients=gradient_magnitudes(...)")
+    per_linear: dict[str, float] = {}
+
+    def prune_block(visit: BlockVisit) -> None:
+        block_spec = spec
+        if block_sparsities is not None and not spec.is_nm:
+            block_spec = spec.with_sparsity(block_sparsities[visit.index])
+        for name, linear in visit.linears.items():
+            full_name = f"{visit.name}.{name}"
+            stats = dict(visit.stats[name])
+            if gradients is not None and "G" in scorer.stats:
+                stats["G"] = gradients[full_name].to(linear.weight.device)
+            new_weight = prune_weight(scorer, linear.weight.data, stats, block_spec)
+            linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
+            per_linear[full_name] = (linear.weight.data == 0).float().mean().item()
+
+    walk_blocks(
+        model,
+        windows,
+        tuple(scorer.stats),
+        prune_block,
+        sequential=sequential,
+        batch_size=batch_size,
+        offload=offload,
+        progress=progress,
+        desc=f"prune {scorer.name}",
+    )
+    return per_linear
+
+
+def measured_sparsity(model) -> float:
+    """Share of exact zeros over all prunable linear weights."""
+    _, blocks = find_blocks(model)
+    zeros = total = 0
+    for block in blocks:
+        for linear in block_linears(block).values():
+            zeros += int((linear.weight == 0).sum())
+            total += linear.weight.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,72 @@
+"""Foundation: corpora as the HF loader gives them, the calibration sampler, canonical perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.perplexity import make_windows, perplexity
+
+
+def test_wikitext_rows_match_the_hf_loader_layout(data_dir):
+    test_rows = load_rows("wikitext2-test", data_dir)
+    valid_rows = load_rows("wikitext2-valid", data_dir)
+    assert len(test_rows) == 4358
+    assert len(valid_rows) == 3760
+    # Read the raw file independently: lines keep "\n"; whitespace-only lines become "".
+    with open(data_dir / "wikitext-2-raw" / "wiki.test.raw", encoding="utf-8", newline="") as fh:
+        expected = [line if line.strip() else "" for line in fh.read().splitlines(keepends=True)]
+    assert test_rows == expected
+    assert test_rows[1].startswith(" = Robert Boulter = ") and test_rows[1].endswith("\n")
+
+
+def test_c4_rows_are_the_documents(data_dir):
+    import json
+
+    rows = load_rows("c4", data_dir)
+    with open(data_dir / "c4" / "c4_train_shard0_first1000.jsonl", encoding="utf-8") as fh:
+        expected = [json.loads(line)["text"] for line in fh]
+    assert rows == expected
+
+
+def test_calibration_windows_are_seeded_slices_of_the_stream():
+    stream = torch.arange(10_000)
+    a = calibration_windows(stream, nsamples=6, seqlen=32, seed=3)
+    b = calibration_windows(stream, nsamples=6, seqlen=32, seed=3)
+    c = calibration_windows(stream, nsamples=6, seqlen=32, seed=4)
+    assert a.shape == (6, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    # every window is a contiguous slice of the concatenated stream
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(6, 31, dtype=torch.long))
+
+
+def test_windows_drop_the_tail():
+    ids = torch.arange(1000)
+    windows = make_windows(ids, 128)
+    assert windows.shape == (7, 128)
+    assert torch.equal(windows.flatten(), ids[: 7 * 128])
+    assert make_windows(ids, 128, max_windows=3).shape == (3, 128)
+
+
+def test_perplexity_equals_a_direct_cross_entropy_loop(tiny_model_dir, data_dir):
+    path = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenize_corpus(tokenizer, load_rows("wikitext2-valid", data_dir)[:400])
+    windows = make_windows(ids, 64, max_windows=9)
+    got = perplexity(model, windows, batch_size=4, progress=False)
+
+    # Independent: one window at a time, log-softmax and gather by hand, summed in float64.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            logits = model(window.unsqueeze(0)).logits[0].double()
+            logp = logits.log_softmax(-1)
+            for t in range(window.numel() - 1):
+                total -= logp[t, window[t + 1]].item()
+                count += 1
+    expected = math.exp(total / count)
+    assert got["windows"] == 9 and got["tokens"] == 9 * 64
+    assert abs(got["ppl"] - expected) / expected < 1e-5

@@ -1,0 +1,123 @@
+"""The fitness evaluator: exact restore, equality with the core's one-shot Wanda, bad candidates, memo,
+statistics cache integrity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fitness.evaluator import Evaluator, FitnessConfig
+from fitness.memo import Memo
+from fitness.setup import EvaluatorSettings, build_evaluator
+from fitness.stats_cache import CalibrationKey, StatsCache
+from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.models import load_model
+from pruning_core.perplexity import make_windows, perplexity
+from pruning_core.scorers import SparsitySpec, get_scorer
+from pruning_core.sequential import prune_model
+
+
+@pytest.fixture
+def settings(tiny_model_dir, tmp_path):
+    return EvaluatorSettings(model=str(tiny_model_dir("llama")), cache_dir=str(tmp_path / "cache"), nsamples=4,
+                             calib_seqlen=32, fitness_windows=3, fitness_seqlen=32)
+
+
+class FixedScorer:
+    """A candidate whose scores come from a function of W, to inject faults."""
+
+    stats = ()
+    default_group = "row"
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def score(self, weight, stats):
+        return self.fn(weight)
+
+
+def test_evaluate_restores_weights_bit_identical(settings):
+    evaluator = build_evaluator(settings)
+    before = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+    result = evaluator.evaluate(get_scorer("wanda"))
+    assert math.isfinite(result["fitness"]) and result["reason"] is None
+    for key, value in evaluator.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_wanda_fitness_equals_the_core_one_shot_wanda(settings):
+    evaluator = build_evaluator(settings)
+    got = evaluator.evaluate(get_scorer("wanda"))["fitness"]
+
+    model, tokenizer = load_model(settings.model)
+    calib = calibration_windows(tokenize_corpus(tokenizer, load_rows("c4")), 4, 32, 0)
+    prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), calib, sequential=False, progress=False)
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
+    expected = perplexity(model, windows, progress=False)["ppl"]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [
+        (lambda w: w / 0.0 * 0.0, "nonfinite"),
+        (lambda w: torch.full_like(w, float("inf")), "nonfinite"),
+        (lambda w: torch.ones_like(w), "constant"),
+        (lambda w: w[:, :3], "error"),
+        (lambda w: (_ for _ in ()).throw(RuntimeError("boom")), "error"),
+    ],
+)
+def test_bad_candidates_get_inf_and_a_reason(settings, fn, reason):
+    evaluator = build_evaluator(settings)
+    before = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+    result = evaluator.evaluate(FixedScorer("bad", fn))
+    assert result["fitness"] == math.inf and result["reason"] == reason
+    assert all(torch.equal(v, before[k]) for k, v in evaluator.model.state_dict().items())
+
+
+def test_timeout_is_a_reason(settings):
+    evaluator = build_evaluator(settings)
+    evaluator.config = FitnessConfig(evaluator.config.spec, timeout_s=0.0)
+    result = evaluator.evaluate(get_scorer("wanda"))
+    assert result["fitness"] == math.inf and result["reason"] == "timeout"
+
+
+def test_proxy_prefers_wanda_to_a_random_mask(settings):
+    evaluator = build_evaluator(settings)
+    wanda = evaluator.evaluate(get_scorer("wanda"), "proxy")["fitness"]
+    generator = torch.Generator().manual_seed(1)
+    noise = evaluator.evaluate(FixedScorer("noise", lambda w: torch.rand(w.shape, generator=generator)), "proxy")
+    assert 0 < wanda < noise["fitness"] < 1.5
+
+
+def test_memo_persists_and_skips_torn_lines(tmp_path):
+    path = tmp_path / "memo.jsonl"
+    memo = Memo(path)
+    memo.put("abs(W)*X", "ppl", {"fitness": 12.5, "reason": None})
+    memo.put("W", "ppl", {"fitness": math.inf, "reason": "constant"})
+    with open(path, "a") as fh:
+        fh.write('{"canonical": "tor')
+    again = Memo(path)
+    assert len(again) == 2
+    assert again.get("abs(W)*X", "ppl")["fitness"] == 12.5
+    assert again.get("W", "ppl")["fitness"] == math.inf
+
+
+def test_stats_cache_detects_corruption_and_recomputes(settings, tmp_path):
+    model, tokenizer = load_model(settings.model)
+    key = CalibrationKey(nsamples=4, seqlen=32)
+    root = tmp_path / "stats-root"
+    first = StatsCache.load_or_compute(model, tokenizer, key, root, progress=False)
+    (data_file,) = (root / "stats").glob("*.safetensors")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flip one byte inside the tensor data
+    data_file.write_bytes(bytes(raw))
+    second = StatsCache.load_or_compute(model, tokenizer, key, root, progress=False)
+    for name, tensor in first.tensors.items():
+        assert torch.equal(tensor, second.tensors[name]), name
+    data_file.write_bytes(data_file.read_bytes()[:1000])  # truncated
+    third = StatsCache.load_or_compute(model, tokenizer, key, root, progress=False)
+    assert torch.equal(third.tensors[next(iter(first.tensors))], next(iter(first.tensors.values())))
+    assert isinstance(Evaluator, type)

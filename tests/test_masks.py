@@ -1,0 +1,77 @@
+"""Masks against direct counts and a reference sort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning_core.errors import UsageError
+from pruning_core.masks import keep_mask, parse_pattern
+from pruning_core.scorers.base import SparsitySpec
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.63, 0.9])
+def test_row_group_prunes_the_same_count_in_every_row(sparsity):
+    scores = torch.randn(37, 101)
+    scores[3] = 1.0  # a row of ties still gets exactly the count
+    keep = keep_mask(scores, SparsitySpec(sparsity, group="row"))
+    zeros = (~keep).sum(dim=1)
+    assert torch.all(zeros == round(sparsity * 101))
+    # the pruned entries of each row are its lowest scores (reference: per-row threshold)
+    for row in range(37):
+        if row == 3:
+            continue
+        k = round(sparsity * 101)
+        threshold = scores[row].sort().values[k - 1]
+        assert torch.equal(~keep[row], scores[row] <= threshold)
+
+
+def test_matrix_group_uses_one_threshold():
+    scores = torch.randn(20, 30)
+    keep = keep_mask(scores, SparsitySpec(0.4, group="matrix"))
+    k = round(0.4 * 600)
+    threshold = scores.flatten().sort().values[k - 1]
+    assert (~keep).sum() == k
+    assert torch.equal(~keep, scores <= threshold)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_groups_have_exactly_n_zeros(n, m):
+    scores = torch.randn(16, 64)
+    keep = keep_mask(scores, SparsitySpec(n / m, n, m))
+    groups = keep.reshape(16, 64 // m, m)
+    assert torch.all((~groups).sum(-1) == n)
+    # zeros sit on the n smallest of every group
+    values = scores.reshape(16, 64 // m, m)
+    kth = values.sort(dim=-1).values[..., n - 1 : n]
+    assert torch.equal(~groups, values <= kth)
+
+
+def test_ties_are_broken_by_index():
+    keep = keep_mask(torch.ones(2, 8), SparsitySpec(0.5, group="row"))
+    assert torch.equal(keep, torch.tensor([[False] * 4 + [True] * 4] * 2))
+
+
+@pytest.mark.parametrize("text", ["3:2", "0:4", "a:b", "2-4", "4:4"])
+def test_bad_patterns(text):
+    with pytest.raises(UsageError):
+        parse_pattern(text, 0.5)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.2, 1.5])
+def test_bad_sparsity(value):
+    with pytest.raises(UsageError):
+        parse_pattern(None, value)
+
+
+@pytest.mark.parametrize("levels", [3, 16, 1000])
+def test_masks_equal_a_stable_argsort_reference_with_many_ties(levels):
+    generator = torch.Generator().manual_seed(levels)
+    scores = torch.randint(0, levels, (24, 96), generator=generator).float()
+    for sparsity in (0.25, 0.5, 0.7):
+        k = round(sparsity * 96)
+        reference = torch.ones_like(scores, dtype=torch.bool)
+        for row in range(24):
+            order = sorted(range(96), key=lambda j, row=row: (scores[row, j].item(), j))
+            reference[row, order[:k]] = False
+        assert torch.equal(keep_mask(scores, SparsitySpec(sparsity, group="row")), reference)

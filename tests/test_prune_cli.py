@@ -1,0 +1,77 @@
+"""prune + eval + save + reload on tiny random configs of five architectures, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHS
+from test_cli_errors import run_cli
+from transformers import AutoModelForCausalLM
+
+from pruning_core.blocks import block_linears, find_blocks
+from pruning_core.data import load_rows, tokenize_corpus
+from pruning_core.models import load_model
+from pruning_core.perplexity import make_windows, perplexity
+
+CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32", "--seed", "0"]
+EVAL = ["--eval", "wikitext2-valid", "--max-windows", "3"]
+
+
+def prune_json(model_dir, *extra):
+    proc = run_cli("prune", "--model", str(model_dir), *CALIB, *EVAL, "--json", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_eval_save_reload(arch, tiny_model_dir, tmp_path, data_dir):
+    model_dir = tiny_model_dir(arch)
+    dense = json.loads(
+        run_cli(
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            "wikitext2-valid",
+            "--seqlen",
+            "32",
+            "--max-windows",
+            "3",
+            "--json",
+        ).stdout
+    )
+    out = tmp_path / "pruned"
+    result = prune_json(model_dir, "--scorer", "wanda", "--sparsity", "0.5", "--save", str(out))
+    assert result["ppl"] != pytest.approx(dense["ppl"])
+    assert all(v == pytest.approx(0.5) for v in result["per_linear"].values())
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["scorer"] == "wanda" and record["ppl"] == pytest.approx(result["ppl"])
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    _, tokenizer = load_model(str(out))
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid", data_dir)), 32, 3)
+    assert perplexity(reloaded, windows, progress=False)["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
+    _, blocks = find_blocks(reloaded)
+    for block in blocks:
+        for linear in block_linears(block).values():
+            zeros_per_row = (linear.weight == 0).sum(dim=1)
+            assert torch.all(zeros_per_row == round(0.5 * linear.in_features))
+    embed = reloaded.get_input_embeddings().weight
+    assert (embed == 0).float().mean() < 0.01  # embeddings are never pruned
+
+
+@pytest.mark.parametrize(
+    "scorer, extra", [("magnitude", []), ("ria", ["--pattern", "2:4"]), ("pruner-zero", ["--pattern", "4:8"])]
+)
+def test_other_scorers_and_patterns(scorer, extra, tiny_model_dir, tmp_path):
+    result = prune_json(tiny_model_dir("llama"), "--scorer", scorer, *extra, "--cache-dir", str(tmp_path))
+    assert result["sparsity"] == pytest.approx(0.5)
+    assert result["ppl"] > 1
+
+
+def test_scorers_lists_builtins():
+    proc = run_cli("scorers", "--json")
+    names = {row["name"] for row in json.loads(proc.stdout)["scorers"]}
+    assert {"magnitude", "wanda", "ria", "pruner-zero"} <= names

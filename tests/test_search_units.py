@@ -1,0 +1,448 @@
+"""metric_search pieces that need no Ray: checkpoints as JSON, atomic files, multi-fidelity ranking,
+the GP engine (determinism, limits, exact resume through JSON), Pareto fronts, CLI input checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import socket
+import time
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fitness.memo import Memo
+from fitness.setup import EvaluatorSettings
+from metric_search import rundir
+from metric_search.arguments import explicit_flags, resume_settings, search_parser, split_formulas
+from metric_search.checkpoint import (
+    SearchState,
+    load_checkpoint,
+    rng_from_json,
+    rng_to_json,
+    save_checkpoint,
+    state_to_json,
+)
+from metric_search.cli import main
+from metric_search.config import ExecutionSettings, SearchSettings, settings_from_dict
+from metric_search.engine import Engine
+from metric_search.report import pareto_front
+from metric_search.search import start_run
+from metric_search.selection import rank_key, screening_key, to_confirm, tournament, update_hall_of_fame
+from metric_search.validate import parse_patterns
+from primitives import canonical_key, parse_formula
+from primitives.pset import tree_to_deap
+from primitives.tree import depth, size
+from pruning_core.cli_common import run_cli
+from pruning_core.errors import UsageError
+
+
+def settings(**overrides) -> SearchSettings:
+    values = dict(generations=4, population=12, seed=5, max_depth=5, max_size=15)
+    values.update(overrides)
+    return SearchSettings(**values)
+
+
+def fake_fitness(text: str) -> dict:
+    """A deterministic stand-in score per formula, so the engine can be driven without a model."""
+    value = (zlib.crc32(text.encode()) % 1000) / 100.0 + 1.0
+    return {"fitness": value, "reason": None, "seconds": 0.0}
+
+
+def score_population(population, candidates: dict) -> None:
+    for ind in population:
+        candidates.setdefault(ind.canonical, {"formula": ind.canonical, "size": 1,
+                                              "proxy": fake_fitness("proxy " + ind.canonical),
+                                              "ppl": fake_fitness(ind.canonical)})  # fmt: skip
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_rng_state_round_trips_through_json_and_continues_the_stream():
+    rng = random.Random(11)
+    [rng.random() for _ in range(100)]
+    text = json.dumps(rng_to_json(rng.getstate()))
+    restored = random.Random()
+    restored.setstate(rng_from_json(json.loads(text)))
+    assert [restored.random() for _ in range(50)] == [rng.random() for _ in range(50)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[3, [0] * 10, None], [3, [2**32] * 625, None], [3, [0] * 624 + [700], None], "abc", [3, [0] * 625, "x"]],
+)
+def test_rng_state_rejects_anything_but_a_twister_state(bad):
+    with pytest.raises(ValueError):
+        rng_from_json(bad)
+
+
+def sample_state() -> SearchState:
+    candidates = {
+        "X * abs(W)": {"formula": "X * abs(W)", "size": 4, "generation": 0,
+                       "proxy": {"fitness": 0.25, "reason": None, "seconds": 0.1},
+                       "ppl": {"fitness": 31.5, "reason": None, "seconds": 1.5}},
+        "W": {"formula": "W", "size": 1, "generation": 1, "proxy": {"fitness": math.inf, "reason": "constant",
+                                                                    "seconds": 0.0}, "ppl": None},
+    }  # fmt: skip
+    return SearchState(generation=1, rng=random.Random(3).getstate(), population=[("abs(W) * X", "X * abs(W)")],
+                       candidates=candidates, hall_of_fame=["X * abs(W)"], history=[{"generation": 0}],
+                       baselines={})  # fmt: skip
+
+
+def test_checkpoint_round_trip_keeps_every_value(tmp_path):
+    state = sample_state()
+    save_checkpoint(tmp_path, state)
+    text = (tmp_path / rundir.CHECKPOINT).read_text()
+    assert "Infinity" not in text and "NaN" not in text  # strict JSON: inf is null plus a reason
+    loaded = load_checkpoint(tmp_path, parse_formula)
+    assert loaded == state
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: d["population"].__setitem__(
+            0, {"formula": "__import__('os').system('x')", "canonical": "W"}
+        ),
+        lambda d: d["candidates"]["W"].__setitem__("formula", "W.__class__"),
+        lambda d: d.__setitem__("version", 99),
+        lambda d: d["candidates"]["W"]["proxy"].__setitem__("reason", "fine"),
+        lambda d: d.__setitem__("hall_of_fame", ["nope"]),
+        lambda d: d["history"].append({"best_ppl": float("nan")}),
+    ],
+)
+def test_checkpoint_rejects_tampered_content_with_one_line(tmp_path, tamper):
+    data = state_to_json(sample_state())
+    tamper(data)
+    (tmp_path / rundir.CHECKPOINT).write_text(json.dumps(data))
+    with pytest.raises(UsageError) as err:
+        load_checkpoint(tmp_path, parse_formula)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path, sample_state())
+    path = tmp_path / rundir.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UsageError, match="not a valid checkpoint"):
+        load_checkpoint(tmp_path, parse_formula)
+
+
+def test_atomic_write_is_all_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "file.json"
+    rundir.atomic_write_text(path, "x" * 100_000)
+    rundir.atomic_write_text(path, "short")
+    assert path.read_text() == "short"
+
+    def broken_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        rundir.atomic_write_text(path, "new content")
+    assert path.read_text() == "short"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]  # no temp file left behind
+
+
+def test_torn_memo_line_is_cut_so_the_next_append_survives(tmp_path):
+    path = tmp_path / "candidates.jsonl"
+    memo = Memo(path)
+    memo.put("W", "proxy", {"fitness": 1.0, "reason": None})
+    with open(path, "a") as fh:
+        fh.write('{"canonical": "X", "fid')  # a kill in the middle of an append
+    rundir.drop_torn_tail(path)
+    Memo(path).put("G", "ppl", {"fitness": 2.0, "reason": None})
+    again = Memo(path)
+    assert again.get("W", "proxy")["fitness"] == 1.0 and again.get("G", "ppl")["fitness"] == 2.0
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_config_round_trips_and_rejects_unknown_fields():
+    s = settings(seed_formulas=("abs(W)",), evaluator=EvaluatorSettings(model="m", n=2, m=4))
+    data = json.loads(json.dumps(s.as_dict()))
+    assert settings_from_dict(data, "config.json") == s
+    with pytest.raises(UsageError):
+        settings_from_dict({**data, "exec": "rm -rf"}, "config.json")
+    with pytest.raises(UsageError):
+        settings_from_dict({**data, "population": "12"}, "config.json")
+
+
+# --- ranking -----------------------------------------------------------------------------------
+
+
+def entry(proxy=None, ppl=None, size=3):
+    make = lambda v: None if v is None else {"fitness": v, "reason": None if v != math.inf else "error"}  # noqa: E731
+    return {"proxy": make(proxy), "ppl": make(ppl), "size": size}
+
+
+def test_confirmed_beat_screened_beat_invalid():
+    candidates = {
+        "a": entry(0.9, 50.0),
+        "b": entry(0.1),
+        "c": entry(0.2, 40.0),
+        "d": entry(math.inf),
+        "e": entry(),
+    }
+    order = sorted(candidates, key=lambda k: rank_key(k, candidates[k]))
+    assert order == ["c", "a", "b", "d", "e"]
+    screened = sorted(candidates, key=lambda k: screening_key(k, candidates[k]))  # tournaments: proxy only
+    assert screened == ["b", "c", "a", "d", "e"]
+
+
+def test_to_confirm_takes_the_best_unconfirmed_proxies():
+    rng = random.Random(0)
+    candidates = {f"f{i}": entry(rng.random(), 10.0 if i % 4 == 0 else None) for i in range(40)}
+    candidates["bad"] = entry(math.inf)
+    keys = list(candidates) * 2  # duplicates in the population count once
+    expected = sorted(
+        (e["proxy"]["fitness"], k) for k, e in candidates.items() if e["ppl"] is None and k != "bad"
+    )
+    assert to_confirm(keys, candidates, 5) == [k for _, k in expected[:5]]
+
+
+def test_hall_of_fame_is_unique_confirmed_and_sorted():
+    candidates = {"a": entry(0.1, 30.0), "b": entry(0.2, 20.0), "c": entry(0.05), "d": entry(0.3, 25.0)}
+    hall = update_hall_of_fame(["a"], ["b", "b", "c", "d"], candidates, 2)
+    assert hall == ["b", "d"]
+
+
+def test_tournament_picks_the_best_with_the_textbook_probability():
+    n, k, rounds = 10, 3, 20_000
+    candidates = {f"k{i}": entry(ppl=float(i)) for i in range(n)}
+    keys = list(candidates)
+    winners = tournament(random.Random(1), keys, candidates, rounds, k)
+    best_share = winners.count(0) / rounds
+    assert best_share == pytest.approx(1 - (1 - 1 / n) ** k, abs=0.015)
+    assert winners.count(n - 1) / rounds == pytest.approx((1 / n) ** k, abs=0.005)
+
+
+def test_pareto_front_matches_brute_force():
+    rng = random.Random(2)
+    points = [(rng.randint(1, 12), rng.random()) for _ in range(80)]
+    front = set(pareto_front(points))
+    dominated = {p for p in points if any(q[0] <= p[0] and q[1] < p[1] for q in points)}
+    expected = {(s, v) for s, v in points if (s, v) not in dominated}
+    expected = {p for p in expected if not any(q[0] < p[0] and q[1] == p[1] for q in points)}
+    assert front == expected
+
+
+def test_validation_patterns_are_parsed_labelled_and_deduplicated():
+    assert parse_patterns("run, 0.5, 2:4,4:8,2:4, 0.6", (0.5, 0, 0)) == [
+        ("50%", (0.5, 0, 0)), ("2:4", (0.5, 2, 4)), ("4:8", (0.5, 4, 8)), ("60%", (0.6, 0, 0))
+    ]  # fmt: skip
+    assert parse_patterns("run", (0.5, 2, 4)) == [("2:4", (0.5, 2, 4))]
+    for bad in ("3:2", "1.5", "half", ","):
+        with pytest.raises(UsageError):
+            parse_patterns(bad, (0.5, 0, 0))
+
+
+# --- engine ------------------------------------------------------------------------------------
+
+
+def evolve(engine: Engine, generations: int, candidates: dict, population=None):
+    population = population or engine.initial_population()
+    score_population(population, candidates)
+    history = [[ind.formula for ind in population]]
+    for _ in range(generations):
+        elites, offspring = engine.next_generation(population, candidates)
+        population = elites + offspring
+        score_population(population, candidates)
+        history.append([ind.formula for ind in population])
+    return population, history
+
+
+def test_engine_is_deterministic_and_leaves_global_random_alone():
+    random.seed(123)
+    outside = random.getstate()
+    _, first = evolve(Engine(settings()), 5, {})
+    assert random.getstate() == outside
+    _, second = evolve(Engine(settings()), 5, {})
+    _, other_seed = evolve(Engine(settings(seed=6)), 5, {})
+    assert first == second
+    assert first != other_seed
+
+
+def test_offspring_respect_depth_and_size_limits_and_canonical_keys():
+    s = settings(max_depth=4, max_size=9, population=30, mut_prob=0.9, cx_prob=0.9)
+    engine = Engine(s)
+    population, _ = evolve(engine, 8, {})
+    for ind in population:
+        tree = parse_formula(ind.formula)
+        assert depth(tree) <= 4 and size(tree) <= 9
+        assert ind.canonical == canonical_key(ind.formula, "row")
+        assert list(tree_to_deap(ind.formula, engine.pset)) == list(ind.tree)  # text is a faithful copy
+
+
+def test_seed_formulas_open_the_population():
+    s = settings(seed_formulas=("abs(W) * X", "sqr(W) * mms(G)"))
+    population = Engine(s).initial_population()
+    assert [ind.canonical for ind in population[:2]] == [
+        canonical_key("abs(W) * X"),
+        canonical_key("sqr(W) * mms(G)"),
+    ]
+    assert len(population) == s.population
+
+
+def test_elites_survive_unchanged():
+    engine = Engine(settings(elite=3))
+    candidates: dict = {}
+    population = engine.initial_population()
+    score_population(population, candidates)
+    best = sorted({ind.canonical for ind in population}, key=lambda k: candidates[k]["ppl"]["fitness"])[:3]
+    elites, offspring = engine.next_generation(population, candidates)
+    assert [e.canonical for e in elites] == best
+    assert len(elites) + len(offspring) == len(population)
+
+
+def test_children_that_repeat_the_population_are_mutated_again():
+    engine = Engine(settings(population=20, mut_prob=0.3))
+    population = [engine.from_text("abs(W) * X") for _ in range(20)]
+    candidates: dict = {}
+    score_population(population, candidates)
+    elites, offspring = engine.next_generation(population, candidates)
+    repeats = sum(child.canonical == population[0].canonical for child in offspring)
+    # without the retries, crossover of identical parents and 70% unmutated children repeat it ~70% of the time
+    assert repeats <= len(offspring) // 4
+    assert [e.canonical for e in elites] == [population[0].canonical]
+
+
+def test_resume_through_a_json_checkpoint_is_exact(tmp_path):
+    """Evolve 6 generations in one go, and 3 + (JSON checkpoint, new engine) + 3: same populations."""
+    s = settings()
+    _, straight = evolve(Engine(s), 6, {})
+
+    engine, candidates = Engine(s), {}
+    population, first = evolve(engine, 3, candidates)
+    state = SearchState(generation=3, rng=engine.rng.getstate(),
+                        population=[(i.formula, i.canonical) for i in population], candidates=candidates)  # fmt: skip
+    save_checkpoint(tmp_path, state)
+    loaded = load_checkpoint(tmp_path, parse_formula)
+    resumed = Engine(s)
+    resumed.rng.setstate(loaded.rng)
+    population = [resumed.from_text(formula) for formula, _ in loaded.population]
+    _, second = evolve(resumed, 3, loaded.candidates, population)
+    assert first + second[1:] == straight
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def test_split_formulas_respects_parentheses():
+    assert split_formulas("wanda, add(W, X) ,sqr(W) * mms(G)") == ["wanda", "add(W, X)", "sqr(W) * mms(G)"]
+    with pytest.raises(UsageError):
+        split_formulas("wanda,,magnitude")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+BAD_INPUTS = [
+    (["--workers", "0"], "--workers"),
+    (["--generations", "0"], "--generations"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--pattern", "3:2"], "--pattern"),
+    (["--pattern", "0:4"], "--pattern"),
+    (["--pattern", "a:b"], "--pattern"),
+    (["--group", "column"], "--group"),
+    (["--calib", "nope"], "--calib"),
+    (["--seed-formulas", "__import__('os').system('echo hi')"], "formula"),
+    (["--seed-formulas", "lambda: W"], "formula"),
+    (["--seed-formulas", "W.real"], "attribute"),
+    (["--seed-formulas", "W" * 5000], "bytes"),
+    (["--seed-formulas", "W^0.3"], "0.3"),
+    (["--population", "1"], "--population"),
+    (["--tournament", "0"], "--tournament"),
+    (["--init-depth", "3"], "--init-depth"),
+    (["--resume", "/nonexistent/run"], "does not exist"),
+    (["--bogus"], "unrecognized"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_INPUTS)
+def test_bad_search_input_is_one_line_and_exit_2(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(main, ["--model", str(tmp_path / "no-model"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and words in err
+    assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_address_with_nothing_listening_fails_fast(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert run_cli(main, ["--address", f"127.0.0.1:{free_port()}"]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing answers" in err
+
+
+def folder_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        digest.update(file.name.encode() + (file.read_bytes() if file.is_file() else b""))
+    return digest.hexdigest()
+
+
+def test_resume_refuses_a_different_model_or_a_non_run_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    s = settings(evaluator=EvaluatorSettings(model="model-a"))
+    start_run(s, run_dir, "run-a", ExecutionSettings())
+    before = folder_digest(run_dir)
+    assert run_cli(main, ["--resume", str(run_dir), "--model", "model-b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model model-b differs from the run's model-a" in err
+    assert run_cli(main, ["--resume", str(run_dir), "--population", "99"]) == 2
+    assert "--population" in capsys.readouterr().err
+    (tmp_path / "not-a-run").mkdir()
+    assert run_cli(main, ["--resume", str(tmp_path / "not-a-run")]) == 2
+    assert "not a metric_search run" in capsys.readouterr().err
+    assert run_cli(main, ["--run-dir", str(run_dir)]) == 2  # an existing run is never overwritten
+    assert "already exists" in capsys.readouterr().err
+    assert folder_digest(run_dir) == before
+
+
+def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
+    run_dir = tmp_path / "run"
+    saved = settings(evaluator=EvaluatorSettings(model="m", cache_dir="/data/cache", timeout_s=120.0))
+    start_run(saved, run_dir, "run", ExecutionSettings())
+    parser = search_parser()
+
+    def resume(*flags):
+        argv = ["--resume", str(run_dir), *flags]
+        return resume_settings(parser.parse_args(argv), explicit_flags(parser, argv))[1]
+
+    assert resume() == saved  # profile defaults never leak into a resumed run
+    assert resume("--workers", "1", "--profile", "gpu") == saved
+    extended = resume("--generations", "9", "--cache-dir", "/other", "--candidate-timeout", "60")
+    assert (extended.generations, extended.evaluator.cache_dir, extended.evaluator.timeout_s) == (
+        9,
+        "/other",
+        60.0,
+    )
+    assert replace(extended, generations=4, evaluator=saved.evaluator) == saved
+
+
+def test_missing_model_is_one_line_before_any_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(main, ["--model", str(tmp_path / "missing"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_export_and_validate_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert run_cli(main, ["export", str(tmp_path), "--top", "1", "--dir", str(tmp_path / "p")]) == 2
+    assert "not a metric_search run" in capsys.readouterr().err
+    assert run_cli(main, ["validate", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
