@@ -15,10 +15,11 @@ from pruning_core.scorers import SparsitySpec
 DEFAULT_PATTERNS = "run,2:4,4:8,0.6"
 DEFAULT_BASELINES = "wanda,sparsegpt,ria,pruner-zero"
 EVAL_DATA = "wikitext2-test"
-# CPU: about a minute per cell for smollm2-135m on 2 cores (one formula, four baselines, four patterns:
-# 20 cells); GPU: the usual paper setting, the whole test split.
+# CPU: a sanity check sized for 2 cores (20 cells for smollm2-135m: one formula and four baselines at
+# four patterns); GPU: the usual paper setting (2048-token windows, 128 calibration windows, the whole
+# test split). Both run the same sequential driver.
 VALIDATE_PROFILES = {
-    "cpu": {"top": 1, "nsamples": 32, "seqlen": 512, "max_windows": 40},
+    "cpu": {"top": 1, "nsamples": 16, "seqlen": 256, "max_windows": 32},
     "gpu": {"top": 3, "nsamples": 128, "seqlen": 2048, "max_windows": 0},
 }
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import sympy
 from sympy import S
 
 from primitives.grammar import parse_formula
@@ -47,7 +46,9 @@ def _symbolic(folded: Expr, group: str) -> Expr | None:
         if expr.has(*_INVALID):
             return None
         return from_sympy(expr, opaque)
-    except (Unrepresentable, ArithmeticError, TypeError, ValueError):
+    except Unrepresentable:
+        return None
+    except Exception:  # noqa: BLE001  any SymPy failure: the unsimplified tree is still a sound key
         return None
 
 
@@ -67,8 +68,3 @@ def canonical_form(tree_or_text, group: str = "row") -> tuple[str, Expr]:
 def canonical_key(tree_or_text, group: str = "row") -> str:
     """Printed canonical form: equal keys mean identical masks for that group."""
     return canonical_form(tree_or_text, group)[0]
-
-
-def simplified(tree_or_text) -> sympy.Expr:
-    """The SymPy form of a formula before rank canonicalization (for inspection and docs)."""
-    return reevaluate(to_sympy(fold_constants(_as_tree(tree_or_text)), {}))

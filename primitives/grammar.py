@@ -25,8 +25,9 @@ from pruning_core.errors import UsageError
 MAX_BYTES = 4096
 MAX_NESTING = 64  # parentheses, calls and unary minus inside one another
 MAX_DEPTH = 128  # levels of the parsed tree (long chains like a + b + c + ... count too)
-_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER_START = set("0123456789.")
 _PUNCTUATION = set("+-*/^(),")
 _HINT = "write e.g. 'abs(W) * sqrt(X)'"
 
@@ -61,7 +62,7 @@ def tokenize(text: str) -> list[Token]:
         elif char in _PUNCTUATION:
             tokens.append(Token("punct", char, pos))
             pos += 1
-        elif (match := _NUMBER.match(text, pos)) and (char.isdigit() or char == "."):
+        elif char in _NUMBER_START and (match := _NUMBER.match(text, pos)):
             tokens.append(Token("num", match.group(), pos))
             pos = match.end()
         elif match := _NAME.match(text, pos):

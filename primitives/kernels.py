@@ -144,9 +144,9 @@ def k_div(x, y):
     return finite(x / floor_magnitude(y))
 
 
-def k_pow(x, exponent):
-    """|x|^c; the exponent is a 0-d tensor holding the formula's numeric literal."""
+def k_pow(x, exponent: float):
+    """|x|^c for the formula's numeric literal c."""
     base = x.abs()
-    if float(exponent) < 0:
+    if exponent < 0:
         base = base.clamp_min(EPS)
     return finite(base**exponent)

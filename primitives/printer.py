@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from primitives.ops import OPS
-from primitives.tree import Call, Const, Expr, Term
+from primitives.tree import Const, Expr, Term
 
 _ATOM = 5
 

@@ -147,8 +147,6 @@ def _peel(expr: sympy.Expr, group: str) -> tuple[sympy.Expr, bool]:
         return expr.args[0], False
     if isinstance(expr, sympy.log) and expr.args[0].is_extended_nonnegative:
         return expr.args[0], False
-    if isinstance(expr, sympy.Abs) and expr.args[0].is_extended_nonnegative:
-        return expr.args[0], False  # SymPy leaves some, e.g. Abs(1 / Abs(W)**3)
     if isinstance(expr, plog):  # log|x| orders like |x|
         return sympy.Abs(expr.args[0]), False
     if isinstance(expr, inv) and expr.args[0].is_extended_nonnegative:
@@ -165,13 +163,16 @@ def _rational_number(number: sympy.Expr) -> sympy.Expr:
 
 def _tidy(expr: sympy.Expr) -> sympy.Expr:
     """One spelling per expression: irrational numbers (sqrt(2), e^2) become the rationals of their
-    protected float32 values, as they would after printing and parsing again, and a sum inside a product is
-    written with a leading plus (``minus_leads``), the product taking the sign."""
+    protected float32 values, as they would after printing and parsing again; |x| of a non-negative x
+    is x; a sum inside a product is written with a leading plus (``minus_leads``), the product taking
+    the sign."""
     if expr.is_number and not expr.is_Rational:
         return _rational_number(expr)
     if not expr.args:
         return expr
     expr = expr.func(*(_tidy(a) for a in expr.args))
+    if isinstance(expr, sympy.Abs) and expr.args[0].is_extended_nonnegative:
+        return expr.args[0]  # SymPy leaves some, e.g. Abs(1 / Abs(W))
     if not expr.is_Mul:
         return expr
     factors, negate = [], False

@@ -49,7 +49,8 @@ def unit_leading(expr: sympy.Expr) -> sympy.Expr:
 
 
 def _drop_scalar_factors(expr: sympy.Expr) -> tuple[sympy.Expr, int]:
-    """expr = s * rest with s a scalar of known sign: return (rest, sign of s); else (expr, 1)."""
+    """expr = s * rest with s a scalar of known sign: (rest, sign of s); else (expr, 1). A sum is
+    rescaled to a leading coefficient of +1 (2*W - 4*X -> W - 2*X, X - W -> W - X with sign -1)."""
     if expr.is_Add:
         expr = unit_leading(expr)
         return (-expr, -1) if minus_leads(expr) else (expr, 1)
@@ -75,7 +76,9 @@ def _drop_scalar_terms(expr: sympy.Expr) -> sympy.Expr:
     return sympy.Add(*rest) if len(rest) < len(expr.args) else expr
 
 
-class _MatrixFunction(sympy.Function):
+class _FiniteReal(sympy.Function):
+    """One-argument head whose value is always a finite real, as every protected operator's is."""
+
     nargs = 1
 
     def _eval_is_extended_real(self):
@@ -85,7 +88,7 @@ class _MatrixFunction(sympy.Function):
         return True
 
 
-class _ShiftScaleInvariant(_MatrixFunction):
+class _ShiftScaleInvariant(_FiniteReal):
     """f(a*x + b) = f(x) for a > 0; f of a constant matrix is 0."""
 
     @classmethod
@@ -126,15 +129,28 @@ class zsn(_ShiftScaleInvariant):  # noqa: N801
         return -cls(inner)
 
 
-class _Normalization(_MatrixFunction):
-    """x divided by a positive per-row (per-column) norm of x: sign follows x, scale-invariant."""
+COLUMN_SYMBOLS = {"X", "H"}  # terminals that are one value per input column
+
+
+class _Normalization(_FiniteReal):
+    """x divided by a positive per-row (per-column) norm of x: sign follows x, scale-invariant.
+    An all-zero row / column stays zero (the protected kernels divide it by 1)."""
 
     family: tuple = ()
+    per_column = False
 
     @classmethod
     def eval(cls, x):
+        if x.is_zero:
+            return S.Zero
         if isinstance(x, cls.family):
             return cls(x.args[0])
+        if cls.per_column and x != 1 and {s.name for s in x.free_symbols} <= COLUMN_SYMBOLS:
+            # a column normalization of a non-negative per-column value is 1 / rows everywhere
+            if x.is_extended_nonnegative:
+                return cls(S.One)
+            if x.is_extended_nonpositive:
+                return -cls(S.One)
         rest, sign = _drop_scalar_factors(x)
         if rest != x:
             return cls(rest) if sign > 0 else -cls(rest)
@@ -156,18 +172,18 @@ class rowl2(_Normalization):  # noqa: N801
 
 
 class colnorm(_Normalization):  # noqa: N801
-    pass
+    per_column = True
 
 
 class coll2(_Normalization):  # noqa: N801
-    pass
+    per_column = True
 
 
 rownorm.family = rowl2.family = (rownorm, rowl2)
 colnorm.family = coll2.family = (colnorm, coll2)
 
 
-class lowfrac(_MatrixFunction):  # noqa: N801
+class lowfrac(_FiniteReal):  # noqa: N801
     """Share of entries with |x| < 0.1 mean|x|: a scalar in [0, 1], unchanged by nonzero scaling."""
 
     @classmethod
@@ -181,14 +197,14 @@ class lowfrac(_MatrixFunction):  # noqa: N801
         return True
 
 
-class sigmoid(_MatrixFunction):  # noqa: N801
+class sigmoid(_FiniteReal):  # noqa: N801
     """1 / (1 + e^-x), elementwise; kept as one head so the rank step can strip it."""
 
     def _eval_is_positive(self):
         return True
 
 
-class inv(_MatrixFunction):  # noqa: N801
+class inv(_FiniteReal):  # noqa: N801
     """1 / y for a y that may be zero (the protected div floors it): finite, nonzero, sign of y.
 
     Kept apart from y**-1 so SymPy never sees 1/0; the price is that y * inv(y) is not cancelled.
@@ -198,8 +214,7 @@ class inv(_MatrixFunction):  # noqa: N801
     def eval(cls, y):
         if y.is_zero is False:
             return 1 / y
-        if isinstance(y, inv):
-            return y.args[0]
+        # No inv(inv(y)) -> y: with y = 0 the protected value is 1e-12, not 0.
         if minus_leads(y):
             return -cls(-y)
         if y.is_Mul:  # 1 / (a b) = inv(a) inv(b), so denominators are ordered like any product
@@ -210,8 +225,9 @@ class inv(_MatrixFunction):  # noqa: N801
         return None
 
     def _eval_power(self, exponent):
+        # inv(y)**k = inv(y**k) for k > 0; never inv(y)**-1 -> y, which is wrong at y = 0.
         base = self.args[0]
-        if exponent.is_integer or base.is_extended_nonnegative:
+        if exponent.is_positive and (exponent.is_integer or base.is_extended_nonnegative):
             return inv(base**exponent)
         return None
 
@@ -225,7 +241,7 @@ class inv(_MatrixFunction):  # noqa: N801
         return self.args[0].is_extended_negative
 
 
-class plog(_MatrixFunction):  # noqa: N801
+class plog(_FiniteReal):  # noqa: N801
     """log|x|, which is log(Abs(x)) once x is known nonzero; for an x that may be zero (the protected
     log adds 1e-12) it stays this finite head."""
 

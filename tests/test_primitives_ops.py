@@ -37,7 +37,9 @@ UNARY = {
     "colnorm": lambda a: a / a.abs().sum(dim=0, keepdim=True),
     "rowl2": lambda a: a / (a * a).sum(dim=1, keepdim=True) ** 0.5,
     "coll2": lambda a: a / (a * a).sum(dim=0, keepdim=True) ** 0.5,
-    "lowfrac": lambda a: torch.tensor(sum(float(v) < 0.1 * float(a.abs().mean()) for v in a.abs().flatten()) / a.numel()),
+    "lowfrac": lambda a: torch.tensor(
+        sum(float(v) < 0.1 * float(a.abs().mean()) for v in a.abs().flatten()) / a.numel()
+    ),
 }
 BINARY = {
     "add": lambda a, b: a + b,
@@ -57,7 +59,9 @@ def test_unary_operator_matches_direct_formula(name):
     got = OPS[name].kernel(A.float())
     want = UNARY[name](A).float()
     assert got.dtype == torch.float32
-    assert torch.allclose(got.expand_as(A) if got.dim() == 0 else got, want.expand_as(A), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(
+        got.expand_as(A) if got.dim() == 0 else got, want.expand_as(A), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BINARY))
@@ -92,7 +96,24 @@ def test_matrix_statistics_of_a_constant_matrix_are_zero():
 
 
 EXTREMES = torch.tensor(
-    [0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1e-12, -1e-12, 1.0, -1.0, 1e30, -1e30, 3.4e38, -3.4e38, 88.0, -88.0]
+    [
+        0.0,
+        -0.0,
+        1e-45,
+        -1e-45,
+        1e-38,
+        -1e-38,
+        1e-12,
+        -1e-12,
+        1.0,
+        -1.0,
+        1e30,
+        -1e30,
+        3.4e38,
+        -3.4e38,
+        88.0,
+        -88.0,
+    ]
 )
 
 
