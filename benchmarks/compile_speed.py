@@ -62,6 +62,7 @@ def canonicalize_all(trees: list, group: str) -> tuple[list, dict]:
         "distinct_trees": len(set(trees)),
         "distinct_keys": len(seen),
         "collapse_fraction": collapsed / len(trees),
+        "constant_key_fraction": sum(canonical_form(t, group)[0] == "0" for t in trees) / len(trees),
         "canonicalize": summary(canonical_s),
         "compile": summary(compile_s),
     }

@@ -23,5 +23,12 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tenso
 
 
 def inverse_hessian_diag(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """[H^-1]_jj per input column, the quantity OBS / SparseGPT divide by."""
-    return torch.diagonal(damped_inverse(hessian, percdamp)).clone()
+    """[H^-1]_jj per input column, the quantity OBS / SparseGPT divide by.
+
+    H^-1 = L^-T L^-1, so its diagonal is the column sums of (L^-1)^2; a triangular solve is much
+    faster than ``cholesky_inverse`` on CPU.
+    """
+    factor = torch.linalg.cholesky(damped_hessian(hessian, percdamp))
+    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)
+    return (inverse_factor * inverse_factor).sum(dim=0)

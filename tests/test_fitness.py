@@ -21,8 +21,14 @@ from pruning_core.sequential import prune_model
 
 @pytest.fixture
 def settings(tiny_model_dir, tmp_path):
-    return EvaluatorSettings(model=str(tiny_model_dir("llama")), cache_dir=str(tmp_path / "cache"), nsamples=4,
-                             calib_seqlen=32, fitness_windows=3, fitness_seqlen=32)
+    return EvaluatorSettings(
+        model=str(tiny_model_dir("llama")),
+        cache_dir=str(tmp_path / "cache"),
+        nsamples=4,
+        calib_seqlen=32,
+        fitness_windows=3,
+        fitness_seqlen=32,
+    )
 
 
 class FixedScorer:
@@ -88,7 +94,9 @@ def test_proxy_prefers_wanda_to_a_random_mask(settings):
     evaluator = build_evaluator(settings)
     wanda = evaluator.evaluate(get_scorer("wanda"), "proxy")["fitness"]
     generator = torch.Generator().manual_seed(1)
-    noise = evaluator.evaluate(FixedScorer("noise", lambda w: torch.rand(w.shape, generator=generator)), "proxy")
+    noise = evaluator.evaluate(
+        FixedScorer("noise", lambda w: torch.rand(w.shape, generator=generator)), "proxy"
+    )
     assert 0 < wanda < noise["fitness"] < 1.5
 
 
