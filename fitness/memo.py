@@ -24,7 +24,12 @@ class Memo:
         self.path = Path(path) if path else None
         self.results: dict[tuple[str, str], dict] = {}
         if self.path and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):
+                # a kill mid-append left a torn last line: drop it so the next append starts clean
+                text = text[: text.rfind("\n") + 1]
+                self.path.write_text(text)
+            for line in text.splitlines():
                 try:
                     record = _decode(json.loads(line))
                 except json.JSONDecodeError:

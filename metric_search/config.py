@@ -18,7 +18,8 @@ CONFIG_VERSION = 1
 # CPU profile: the README's main command on smollm2-135m finishes in <= 30 minutes on 2 cores.
 # Measured with one thread per actor: statistics once per (model, calibration) ~3.5 min, cached after;
 # the proxy ~4 s per candidate, perplexity on 4 windows of 256 tokens ~9.5 s. The proxy screens every
-# new candidate and perplexity confirms `confirm` per generation (one round on the two actors).
+# new candidate (~10-15 per generation) and perplexity confirms `confirm` per generation (one round on
+# the two actors): 20 generations took 16 min with the machine shared (load ~8).
 CPU_PROFILE = {
     "generations": 20,
     "population": 24,

@@ -111,6 +111,8 @@ def test_memo_persists_and_skips_torn_lines(tmp_path):
     assert len(again) == 2
     assert again.get("abs(W)*X", "ppl")["fitness"] == 12.5
     assert again.get("W", "ppl")["fitness"] == math.inf
+    again.put("sqr(W)", "ppl", {"fitness": 3.0, "reason": None})
+    assert Memo(path).get("sqr(W)", "ppl")["fitness"] == 3.0  # appended after the torn tail was dropped
 
 
 def test_stats_cache_detects_corruption_and_recomputes(settings, tmp_path):
