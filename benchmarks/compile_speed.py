@@ -23,6 +23,7 @@ from deap import gp
 from primitives.canonical import canonical_form
 from primitives.compile import CompiledFormula
 from primitives.pset import deap_to_tree, make_pset
+from pruning_core.gradients import prunable_linears
 from pruning_core.linalg import inverse_hessian_diag
 
 
@@ -67,12 +68,6 @@ def canonicalize_all(trees: list, group: str) -> tuple[list, dict]:
         "compile": summary(compile_s),
     }
     return compiled, stats
-
-
-def decoder_linears(model) -> list[torch.nn.Linear]:
-    return [
-        m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name
-    ]
 
 
 def synthetic_stats(linears, device, seed: int) -> tuple[list[dict], dict]:
@@ -129,7 +124,7 @@ def main():
 
     model, _ = load_model(args.model, args.dtype, args.device)
     device = next(model.parameters()).device
-    linears = decoder_linears(model)
+    linears = list(prunable_linears(model).values())
     stats, hinv_s = synthetic_stats(linears, device, args.seed)
     widths = [m.in_features for m in linears]
     score_all(compiled[:2], linears, stats, device)  # warm-up

@@ -16,8 +16,9 @@ DEFAULT_PATTERNS = "run,2:4,4:8,0.6"
 DEFAULT_BASELINES = "wanda,sparsegpt,ria,pruner-zero"
 EVAL_DATA = "wikitext2-test"
 # CPU: a check sized for 2 cores: one cell (prune + test perplexity) of smollm2-135m takes ~45 s on an
-# idle machine, 20 cells (one formula and four baselines at four patterns) ~15-20 min; GPU: the usual paper setting (2048-token windows, 128 calibration windows, the whole
-# test split). Both run the same sequential driver.
+# idle machine, 20 cells (one formula and four baselines at four patterns) ~15-20 min. GPU: the usual
+# paper setting (2048-token windows, 128 calibration windows, the whole test split). Both run the same
+# sequential driver.
 VALIDATE_PROFILES = {
     "cpu": {"top": 1, "nsamples": 16, "seqlen": 256, "max_windows": 32},
     "gpu": {"top": 3, "nsamples": 128, "seqlen": 2048, "max_windows": 0},

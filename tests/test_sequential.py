@@ -86,13 +86,11 @@ def test_driver_statistics_equal_direct_input_norms_and_hessian():
 
 
 def test_wanda_scores_are_abs_weight_times_input_norm():
-    model = make_tiny_model("llama")
     weight = torch.randn(8, 16)
     x = torch.rand(16)
     scores = get_scorer("wanda").score(weight, {"X": x})
     direct = torch.tensor([[abs(weight[i, j].item()) * x[j].item() for j in range(16)] for i in range(8)])
     assert torch.allclose(scores, direct)
-    assert model is not None
 
 
 def test_ria_and_pruner_zero_scores_follow_their_definitions():
