@@ -62,7 +62,12 @@ def main():
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 test windows (0 = all)")
     p.add_argument("--scorers", default="magnitude,wanda,sparsegpt,ria")
     p.add_argument("--settings", default="50%,2:4,4:8")
-    p.add_argument("--timing-nsamples", type=int, default=16, help="calibration samples for the timing runs")
+    p.add_argument(
+        "--timing-nsamples",
+        type=int,
+        default=16,
+        help="calibration samples for the timing runs (0: skip them)",
+    )
     p.add_argument(
         "--out", default=None, help="markdown file (default benchmarks/results/prune_table_<model>.md)"
     )
@@ -112,7 +117,9 @@ def main():
             print(json.dumps(rows[-1]), file=sys.stderr)
     timing_args = copy.copy(args)
     timing_args.nsamples = args.timing_nsamples
-    timing = {name: driver_vs_reference(timing_args, name) for name in ("wanda", "sparsegpt")}
+    timing = {}
+    if args.timing_nsamples:
+        timing = {name: driver_vs_reference(timing_args, name) for name in ("wanda", "sparsegpt")}
     windows = args.max_windows or "all"
     lines = [
         f"# Pruning table: {args.model}",
@@ -128,13 +135,17 @@ def main():
         prune_s = f"{r['prune_s']:.1f}" if r["prune_s"] is not None else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
         lines.append(f"| {r['scorer']} | {r['setting']} | {ppl} | {prune_s} | {rss} |")
-    lines += [
-        "",
-        f"Driver vs batch-1 reference loop ({args.timing_nsamples} x {args.seqlen} calibration, 50%):",
-        "",
-        "| scorer | driver s | reference s | ratio (target <= 1.0) |",
-        "|---|---|---|---|",
-    ]
+    lines += (
+        []
+        if not timing
+        else [
+            "",
+            f"Driver vs batch-1 reference loop ({args.timing_nsamples} x {args.seqlen} calibration, 50%):",
+            "",
+            "| scorer | driver s | reference s | ratio (target <= 1.0) |",
+            "|---|---|---|---|",
+        ]
+    )
     lines += [
         f"| {k} | {v['driver_s']:.1f} | {v['reference_s']:.1f} | {v['ratio']:.3f} |"
         for k, v in timing.items()

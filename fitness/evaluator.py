@@ -60,8 +60,9 @@ class Evaluator:
             for name, linear in self.linears.items():
                 linear.weight.copy_(self.dense[name])
 
-    def _apply(self, scorer, deadline: float) -> float:
-        """Mask every linear in place; return the mean relative reconstruction error (the proxy)."""
+    def _apply(self, scorer, deadline: float, with_proxy: bool) -> float | None:
+        """Mask every linear in place; with ``with_proxy`` return the mean relative reconstruction error
+        (the proxy), else None (the perplexity fidelity does not pay for it)."""
         spec = self.config.spec
         errors = []
         for name, linear in self.linears.items():
@@ -72,16 +73,19 @@ class Evaluator:
             scores = scorer.score(dense.float(), stats)
             if scores.shape != dense.shape:
                 raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(dense.shape)}")
-            if not torch.isfinite(scores).all():
-                raise CandidateFailed("nonfinite", name)
             groups = scores.reshape(-1, spec.m) if spec.is_nm else scores
             groups = groups.reshape(1, -1) if spec.group == "matrix" and not spec.is_nm else groups
-            if bool((groups.amax(dim=1) == groups.amin(dim=1)).all()):
+            # one pass gives both checks: NaN and +-inf reach a group's max or min
+            low, high = torch.aminmax(groups, dim=1)
+            if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+                raise CandidateFailed("nonfinite", name)
+            if bool((low == high).all()):
                 raise CandidateFailed("constant", name)
             keep = keep_mask(scores, spec)
-            linear.weight.copy_(dense * keep.to(dense.dtype))
-            errors.append(self._reconstruction_error(name, dense, keep, stats["hessian"]))
-        return sum(errors) / len(errors)
+            torch.mul(dense, keep, out=linear.weight)
+            if with_proxy:
+                errors.append(self._reconstruction_error(name, dense, keep, stats["hessian"]))
+        return sum(errors) / len(errors) if with_proxy else None
 
     def _reconstruction_error(self, name, dense, keep, hessian) -> float:
         """||dW X||^2 / ||W X||^2 on sampled rows, from the Hessian (no forward pass)."""
@@ -99,8 +103,7 @@ class Evaluator:
             raise ValueError(f"fidelity must be one of {FIDELITIES}")
         start = time.monotonic()
         try:
-            proxy = self._apply(scorer, start + self.config.timeout_s)
-            fitness = proxy
+            fitness = self._apply(scorer, start + self.config.timeout_s, with_proxy=fidelity == "proxy")
             if fidelity == "ppl":
                 fitness = perplexity(self.model, self.windows, progress=False)["ppl"]
             if not math.isfinite(fitness):

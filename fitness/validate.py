@@ -27,8 +27,11 @@ def validate_scorer(
     data_dir=None,
     cache=None,
     progress: bool = False,
+    tasks: str | None = None,
+    limit: int | None = None,
 ) -> dict:
-    """Prune a fresh copy of the model with a named scorer or a formula and return its test ppl."""
+    """Prune a fresh copy of the model with a named scorer or a formula and return its test ppl (and,
+    with ``tasks``, its zero-shot accuracies, ``limit`` documents per task)."""
     scorer = resolve_scorer(scorer_name, formula, spec.group)
     model, tokenizer = load_model(model_spec, dtype, device, cache)
     calib_tokens = tokenize_corpus(tokenizer, load_rows(calib, data_dir))
@@ -46,10 +49,15 @@ def validate_scorer(
     )
     windows = make_windows(tokenize_corpus(tokenizer, load_rows(eval_data, data_dir)), seqlen, max_windows)
     result = perplexity(model, windows, progress=progress)
-    return {
+    validation = {
         "scorer": scorer_name or formula,
         "pattern": spec.describe(),
         "ppl": result["ppl"],
         "windows": result["windows"],
         "sparsity": report["sparsity"],
     }
+    if tasks:
+        from pruning_core.zeroshot import evaluate_zeroshot
+
+        validation["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, data_dir=data_dir)
+    return validation

@@ -141,22 +141,35 @@ def cmd_validate(argv: list[str]) -> int:
     p.add_argument("--seqlen", type=int, help="calibration and evaluation window length (cpu 256, gpu 2048)")
     p.add_argument("--max-windows", type=int, help="first N test windows (cpu 32, gpu all; 0 for all)")
     p.add_argument("--calib", default=None, help="calibration corpus (the run's)")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks per cell: 'zeroshot' or a comma list")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task")
     add_model_flags(p)
     args = p.parse_args(argv)
     if "model" in explicit_flags(p, argv):
         raise UsageError("validate uses the run's model; drop --model")
+    if args.tasks:
+        from pruning_core.zeroshot import parse_tasks
+
+        parse_tasks(args.tasks)  # a bad task name fails before any model loads
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(
+            f"--limit {args.limit} must be a positive number of documents per task; drop it for all"
+        )
     profile = VALIDATE_PROFILES[args.profile]
     chosen = {k: profile[k] if getattr(args, k) is None else getattr(args, k) for k in profile}
     chosen["max_windows"] = chosen["max_windows"] or None  # 0: the whole test split
 
     def show(cell):
         if not args.json:
-            print(f"{cell['pattern']:>6} {cell['metric']}: ppl {cell['ppl']:.3f}", file=sys.stderr)
+            accuracy = (
+                f", zero-shot mean acc {cell['zeroshot']['mean_acc']:.4f}" if "zeroshot" in cell else ""
+            )
+            print(f"{cell['pattern']:>6} {cell['metric']}: ppl {cell['ppl']:.3f}{accuracy}", file=sys.stderr)
 
     result = validate_run(
         args.run_dir, patterns=args.patterns, baselines=args.baselines, calib=args.calib, device=args.device,
         dtype=args.dtype, data_dir=args.data_dir, cache=args.cache_dir, on_cell=show, progress=not args.json,
-        **chosen,
+        tasks=args.tasks, limit=args.limit, **chosen,
     )  # fmt: skip
     emit(result, args.json, f"wrote {Path(args.run_dir) / 'validation.md'}")
     return 0

@@ -155,7 +155,21 @@ def settings_from_dict(data: dict, origin: str) -> SearchSettings:
         _check_types(settings)
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{origin} is not a valid metric_search config ({err}); start a new run") from err
+    _check_seed_formulas(settings, origin)
     return settings
+
+
+def _check_seed_formulas(settings: SearchSettings, origin: str) -> None:
+    """A config is data: its seed formulas go through the grammar before anything uses them."""
+    from primitives import parse_formula
+
+    for text in settings.seed_formulas:
+        try:
+            parse_formula(text)
+        except UsageError as err:
+            raise UsageError(
+                f"{origin} holds a seed formula the grammar rejects ({err}); start a new run"
+            ) from err
 
 
 def _check_types(settings: SearchSettings) -> None:

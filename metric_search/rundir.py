@@ -89,6 +89,8 @@ def is_run_dir(path: Path) -> bool:
 def require_run_dir(path: str | os.PathLike, flag: str) -> Path:
     """``path`` as an existing run directory, or one clear line saying why it is not one."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a run directory; pass runs/<run-id>")
     if not path.is_dir():
         raise UsageError(f"{flag} {path} does not exist; pass a folder made by `python -m metric_search`")
     if not is_run_dir(path):

@@ -83,6 +83,8 @@ class _Evaluations:
             bar = _progress(len(todo), f"{label} {fidelity}", self.progress, leave=False)
 
             def done(index, result, pool, where):
+                # On disk as soon as it arrives: a killed driver loses only the jobs still in flight.
+                self.memo.put(todo[index], fidelity, dict(result, label=label))
                 bar.update(1)
                 if self.observer is not None:
                     self.observer(
@@ -94,7 +96,7 @@ class _Evaluations:
             finally:
                 bar.close()
             for key, result in zip(todo, fresh):
-                results[key] = self.memo.put(key, fidelity, dict(result, label=label))
+                results[key] = self.memo.get(key, fidelity)
                 tally[f"evaluated_{fidelity}"] += 1
                 if result["reason"]:
                     tally[f"invalid_{result['reason']}"] += 1

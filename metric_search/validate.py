@@ -80,17 +80,36 @@ def plan_rows(run, top: int, baselines: str) -> list[Row]:
     return rows
 
 
-def dense_ppl(model_spec: str, seqlen: int, max_windows, device, dtype, data_dir, cache) -> float:
+def dense_reference(
+    model_spec: str, seqlen: int, max_windows, device, dtype, data_dir, cache, tasks=None, limit=None
+) -> dict:
+    """The unpruned model's test ppl (and zero-shot accuracies with ``tasks``): the table's first row."""
     from pruning_core.data import load_rows, tokenize_corpus
     from pruning_core.models import load_model
     from pruning_core.perplexity import make_windows, perplexity
 
     model, tokenizer = load_model(model_spec, dtype, device, cache)
     windows = make_windows(tokenize_corpus(tokenizer, load_rows(EVAL_DATA, data_dir)), seqlen, max_windows)
-    return perplexity(model, windows, progress=False)["ppl"]
+    dense = {"ppl": perplexity(model, windows, progress=False)["ppl"]}
+    if tasks:
+        from pruning_core.zeroshot import evaluate_zeroshot
+
+        dense["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, data_dir=data_dir)
+    return dense
 
 
-def render(run, settings: dict, patterns, rows: list[Row], cells: dict, dense: float | None) -> str:
+def _table(title: str, labels: list[str], rows: list[Row], cells: dict, dense, digits: int) -> list[str]:
+    lines = [title, "", "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    if dense is not None:
+        lines.append("| dense | " + " | ".join(f"{dense:.{digits}f}" for _ in labels) + " |")
+    for row in rows:
+        values = [cells.get((row.label, label)) for label in labels]
+        shown = ["..." if v is None else f"{v:.{digits}f}" for v in values]
+        lines.append(f"| {row.label} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def render(run, settings: dict, patterns, rows: list[Row], records: list[dict], dense: dict) -> str:
     labels = [label for label, _ in patterns]
     lines = [
         f"# Validation of run `{run.config['run_id']}`",
@@ -99,16 +118,18 @@ def render(run, settings: dict, patterns, rows: list[Row], cells: dict, dense: f
         f"after sequential pruning of `{run.settings.evaluator.model}` with {settings['nsamples']} x "
         f"{settings['seqlen']} tokens of `{settings['calib']}` (seed {settings['calib_seed']}). Lower is better.",
         "",
-        "| metric | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
     ]
-    if dense is not None:
-        lines.append("| dense | " + " | ".join(f"{dense:.3f}" for _ in labels) + " |")
-    for row in rows:
-        values = [cells.get((row.label, label)) for label in labels]
-        lines.append(
-            f"| {row.label} | " + " | ".join("..." if v is None else f"{v:.3f}" for v in values) + " |"
+    ppl = {(r["metric"], r["pattern"]): r["ppl"] for r in records}
+    lines += _table("## Perplexity", labels, rows, ppl, dense.get("ppl"), 3)
+    if settings.get("tasks"):
+        accuracy = {(r["metric"], r["pattern"]): r["zeroshot"]["mean_acc"] for r in records}
+        limit = settings.get("limit")
+        title = (
+            f"## Zero-shot mean accuracy ({settings['tasks']}; "
+            f"{f'first {limit} documents per task' if limit else 'all documents'}). Higher is better."
         )
+        dense_acc = dense["zeroshot"]["mean_acc"] if "zeroshot" in dense else None
+        lines += ["", *_table(title, labels, rows, accuracy, dense_acc, 4)]
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +149,8 @@ def validate_run(
     cache=None,
     progress: bool = False,
     on_cell=None,
+    tasks: str | None = None,
+    limit: int | None = None,
 ) -> dict:
     """Fill the table cell by cell (rewriting validation.md / .json each time); return its data."""
     from fitness.validate import validate_scorer
@@ -145,6 +168,8 @@ def validate_run(
         "max_windows": max_windows,
         "calib": calib or evaluator.calib,
         "calib_seed": evaluator.seed if calib_seed is None else calib_seed,
+        "tasks": tasks,
+        "limit": limit,
     }
     common = {
         "calib": settings["calib"],
@@ -158,9 +183,12 @@ def validate_run(
         "data_dir": data_dir,
         "cache": cache,
         "progress": progress,
+        "tasks": tasks,
+        "limit": limit,
     }
-    dense = dense_ppl(evaluator.model, seqlen, max_windows, device, dtype, data_dir, cache)
-    cells: dict[tuple[str, str], float] = {}
+    dense = dense_reference(
+        evaluator.model, seqlen, max_windows, device, dtype, data_dir, cache, tasks, limit
+    )
     records = []
     for label, (sparsity, n, m) in plan:
         for row in rows:
@@ -172,7 +200,6 @@ def validate_run(
                 formula=row.formula,
                 **common,
             )
-            cells[(row.label, label)] = result["ppl"]
             records.append(
                 {
                     "metric": row.label,
@@ -182,12 +209,25 @@ def validate_run(
                     "group": group,
                     "ppl": result["ppl"],
                     "sparsity": result["sparsity"],
+                    **({"zeroshot": result["zeroshot"]} if "zeroshot" in result else {}),
                 }
             )
-            _write(run, settings, plan, rows, cells, dense, records)
+            _write(run, settings, plan, rows, records, dense)
             if on_cell is not None:
                 on_cell(records[-1])
-    return {"run_id": run.config["run_id"], "dense_ppl": dense, "settings": settings, "cells": records}
+    return _summary(run, settings, records, dense)
+
+
+def _summary(run, settings: dict, records: list[dict], dense: dict) -> dict:
+    summary = {
+        "run_id": run.config["run_id"],
+        "dense_ppl": dense["ppl"],
+        "settings": settings,
+        "cells": records,
+    }
+    if "zeroshot" in dense:
+        summary["dense_zeroshot"] = dense["zeroshot"]
+    return summary
 
 
 def _default_group(scorer_name: str) -> str:
@@ -196,9 +236,6 @@ def _default_group(scorer_name: str) -> str:
     return resolve_scorer(scorer_name).default_group
 
 
-def _write(run, settings, plan, rows, cells, dense, records) -> None:
-    rundir.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, cells, dense))
-    rundir.atomic_write_json(
-        run.path / rundir.VALIDATION_JSON,
-        {"run_id": run.config["run_id"], "dense_ppl": dense, "settings": settings, "cells": records},
-    )
+def _write(run, settings, plan, rows, records, dense) -> None:
+    rundir.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, records, dense))
+    rundir.atomic_write_json(run.path / rundir.VALIDATION_JSON, _summary(run, settings, records, dense))

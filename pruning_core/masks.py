@@ -21,6 +21,9 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[-1]:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    keep = scores > threshold
+    if bool((keep.sum(dim=-1) == scores.shape[-1] - k).all()):  # no tie at any threshold: done
+        return keep
     below = scores < threshold
     ties = scores == threshold
     still_needed = k - below.sum(dim=-1, keepdim=True)

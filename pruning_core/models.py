@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from pruning_core.errors import UsageError
 
@@ -137,9 +138,8 @@ def _local_source(spec: str, cache: Path) -> Path | None:
         return gguf_to_safetensors(path.resolve(), cache)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UsageError(
-                f"{spec} is not a model directory (no config.json); pass a Hugging Face model dir"
-            )
+            kind = "a file" if path.is_file() else "a folder without config.json"
+            raise UsageError(f"{spec} is {kind}, not a model directory; pass a Hugging Face model dir")
         return path
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         known = ", ".join(EMBEDDED_MODELS)
@@ -167,7 +167,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: truncated or damaged weights
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
             f"could not load model {spec!r}: {first}; pass a local model dir or check network"

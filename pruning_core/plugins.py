@@ -95,10 +95,18 @@ class PluginScorer:
     def __init__(self, data: dict, origin: str):
         from pruning_core.formula import formula_scorer
 
-        self._formula = formula_scorer(data["formula"], group=data["group"])
+        try:
+            self._formula = formula_scorer(data["formula"], group=data["group"])
+        except UsageError as err:
+            raise UsageError(f"plugin {origin}: {err}") from err
         self.name = data["name"]
         self.formula = data["formula"]
         self.stats = tuple(self._formula.stats)
+        if data["stats"] != list(self.stats):  # the file must say exactly what the formula reads
+            raise UsageError(
+                f"plugin {origin} lists stats {data['stats']!r} but its formula reads {list(self.stats)}; "
+                "re-export it with `metric_search export`"
+            )
         self.default_group = data["group"]
         self.reference = f"plugin {origin}: {data['formula']}"
         self.provenance = data.get("provenance", {})

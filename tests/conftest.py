@@ -106,3 +106,42 @@ def tiny_model_dir(tmp_path, tokenizer_dir):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+# --- end-to-end search ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def search_model(tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny random LLaMA the search tests prune, saved with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("search-model") / "tiny-llama"
+    make_tiny_model("llama", 0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def search_cache(tmp_path_factory, search_model) -> Path:
+    """Statistics computed once here, so actors and drivers only load them."""
+    from search_fixtures import evaluator_settings
+
+    from fitness.setup import build_evaluator
+
+    root = tmp_path_factory.mktemp("search-cache")
+    build_evaluator(evaluator_settings(search_model, root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray (2 CPUs, loopback) per test module; starting one costs several seconds."""
+    import ray
+
+    from metric_search import cluster
+
+    started = cluster.connect(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -1,4 +1,5 @@
-"""Bad input: one clear stderr line, exit code 2, no traceback."""
+"""Bad input to `python -m pruning_core` eval and model loading: one clear stderr line, exit code 2, no
+traceback. prune flags, formulas and plugins are in test_reliability_inputs.py."""
 
 from __future__ import annotations
 
@@ -28,9 +29,6 @@ def assert_clean_error(proc, fragment):
         (["eval", "--data", "wikitext103"], "unknown dataset"),
         (["eval", "--max-windows", "0"], "--max-windows must be >= 1"),
         (["eval", "--seqlen", "abc"], "invalid int value"),
-        (["prune", "--sparsity", "1.5"], "--sparsity must be a number in (0, 1)"),
-        (["prune", "--pattern", "3:2"], "needs 0 < N < M"),
-        (["prune", "--scorer", "nope"], "unknown scorer"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, fragment):

@@ -1,18 +1,15 @@
 """metric_search pieces that need no Ray: checkpoints as JSON, atomic files, multi-fidelity ranking,
-the GP engine (determinism, limits, exact resume through JSON), Pareto fronts, CLI input checks."""
+the GP engine (determinism, limits, exact resume through JSON), Pareto fronts, what a resume may change.
+Bad command-line input is tested in test_reliability_inputs.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import socket
-import time
 import zlib
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -28,7 +25,6 @@ from metric_search.checkpoint import (
     save_checkpoint,
     state_to_json,
 )
-from metric_search.cli import main
 from metric_search.config import ExecutionSettings, SearchSettings, settings_from_dict
 from metric_search.engine import Engine
 from metric_search.report import pareto_front
@@ -38,7 +34,6 @@ from metric_search.validate import parse_patterns
 from primitives import canonical_key, parse_formula
 from primitives.pset import tree_to_deap
 from primitives.tree import depth, size
-from pruning_core.cli_common import run_cli
 from pruning_core.errors import UsageError
 
 
@@ -339,78 +334,6 @@ def test_split_formulas_respects_parentheses():
         split_formulas("wanda,,magnitude")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-BAD_INPUTS = [
-    (["--workers", "0"], "--workers"),
-    (["--generations", "0"], "--generations"),
-    (["--sparsity", "1.5"], "--sparsity"),
-    (["--pattern", "3:2"], "--pattern"),
-    (["--pattern", "0:4"], "--pattern"),
-    (["--pattern", "a:b"], "--pattern"),
-    (["--group", "column"], "--group"),
-    (["--calib", "nope"], "--calib"),
-    (["--seed-formulas", "__import__('os').system('echo hi')"], "formula"),
-    (["--seed-formulas", "lambda: W"], "formula"),
-    (["--seed-formulas", "W.real"], "attribute"),
-    (["--seed-formulas", "W" * 5000], "bytes"),
-    (["--seed-formulas", "W^0.3"], "0.3"),
-    (["--population", "1"], "--population"),
-    (["--tournament", "0"], "--tournament"),
-    (["--init-depth", "3"], "--init-depth"),
-    (["--resume", "/nonexistent/run"], "does not exist"),
-    (["--bogus"], "unrecognized"),
-]
-
-
-@pytest.mark.parametrize("argv, words", BAD_INPUTS)
-def test_bad_search_input_is_one_line_and_exit_2(argv, words, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert run_cli(main, ["--model", str(tmp_path / "no-model"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error:") and words in err
-    assert not (tmp_path / "runs").exists()  # nothing was created
-
-
-def test_address_with_nothing_listening_fails_fast(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    started = time.monotonic()
-    assert run_cli(main, ["--address", f"127.0.0.1:{free_port()}"]) == 2
-    assert time.monotonic() - started < 30
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nothing answers" in err
-
-
-def folder_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        digest.update(file.name.encode() + (file.read_bytes() if file.is_file() else b""))
-    return digest.hexdigest()
-
-
-def test_resume_refuses_a_different_model_or_a_non_run_and_changes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    run_dir = tmp_path / "run"
-    s = settings(evaluator=EvaluatorSettings(model="model-a"))
-    start_run(s, run_dir, "run-a", ExecutionSettings())
-    before = folder_digest(run_dir)
-    assert run_cli(main, ["--resume", str(run_dir), "--model", "model-b"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--model model-b differs from the run's model-a" in err
-    assert run_cli(main, ["--resume", str(run_dir), "--population", "99"]) == 2
-    assert "--population" in capsys.readouterr().err
-    (tmp_path / "not-a-run").mkdir()
-    assert run_cli(main, ["--resume", str(tmp_path / "not-a-run")]) == 2
-    assert "not a metric_search run" in capsys.readouterr().err
-    assert run_cli(main, ["--run-dir", str(run_dir)]) == 2  # an existing run is never overwritten
-    assert "already exists" in capsys.readouterr().err
-    assert folder_digest(run_dir) == before
-
-
 def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
     run_dir = tmp_path / "run"
     saved = settings(evaluator=EvaluatorSettings(model="m", cache_dir="/data/cache", timeout_s=120.0))
@@ -430,19 +353,3 @@ def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
         60.0,
     )
     assert replace(extended, generations=4, evaluator=saved.evaluator) == saved
-
-
-def test_missing_model_is_one_line_before_any_run_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert run_cli(main, ["--model", str(tmp_path / "missing"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error:")
-    assert not (tmp_path / "runs").exists()
-
-
-def test_export_and_validate_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
-    assert run_cli(main, ["export", str(tmp_path), "--top", "1", "--dir", str(tmp_path / "p")]) == 2
-    assert "not a metric_search run" in capsys.readouterr().err
-    assert run_cli(main, ["validate", str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "p").exists()

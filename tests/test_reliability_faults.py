@@ -1,0 +1,308 @@
+"""Fault injection on a tiny random LLaMA with an embedded Ray: bad candidates (NaN, inf, constant scores,
+a shape error, an exception, a hang), killed actors, a SIGKILLed driver at chosen points, and a damaged
+statistics cache. Every search that survives a fault must end exactly like the fault-free run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ray import cloudpickle
+from search_fixtures import (
+    candidate_rows,
+    descendants,
+    outcome,
+    run_in_process,
+    search_flags,
+    search_settings,
+    stop_leftovers,
+)
+
+from fitness import stats_cache
+from fitness.stats_cache import CalibrationKey, StatsCache
+from metric_search import dispatch, rundir
+from metric_search.checkpoint import load_checkpoint
+from metric_search.cli import main
+from primitives import canonical_key, parse_formula
+from pruning_core.cli_common import run_cli
+from pruning_core.models import load_model
+
+pytestmark = pytest.mark.reliability
+
+GENERATIONS = 3
+POPULATION = 8
+PAUSED_DRIVER = Path(__file__).with_name("paused_driver.py")
+
+
+def settings(model, cache, seed_formulas=("abs(W) * X",)):
+    return search_settings(model, cache, GENERATIONS, POPULATION, seed_formulas)
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, search_model, search_cache, tmp_path_factory) -> Path:
+    """The fault-free run every faulty run is compared with (same settings, same seed)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    run_in_process(settings(search_model, search_cache), run_dir, workers=2)
+    return run_dir
+
+
+# --- bad candidates ------------------------------------------------------------------------------
+
+# Seed formulas whose evaluation the actors replace by a fault; "W - W" needs no injection: the formula
+# language itself gives constant scores for it.
+INJECTED = {"abs(W) * G": "nan", "abs(W) + X": "inf", "abs(W) * H": "shape", "tanh(W) * X": "exception",
+            "sqrt(G) * abs(W)": "hang"}  # fmt: skip
+EXPECTED = {"nan": ("nonfinite", ""), "inf": ("nonfinite", ""), "constant": ("constant", ""),
+            "shape": ("error", "scores shape"), "exception": ("error", "RuntimeError: injected fault"),
+            "hang": ("timeout", "no result within")}  # fmt: skip
+
+
+class FaultyScorer:
+    """Scores that break the way a buggy metric can."""
+
+    stats = ()
+    default_group = "row"
+
+    def __init__(self, fault: str):
+        self.name = self.fault = fault
+
+    def score(self, weight, stats):
+        if self.fault == "nan":
+            return torch.full_like(weight, math.nan)
+        if self.fault == "inf":
+            return weight.abs() * math.inf
+        if self.fault == "shape":
+            return weight[:, :3]
+        if self.fault == "exception":
+            raise RuntimeError("injected fault")
+        time.sleep(3600)  # hang: only the dispatcher's deadline ends this
+        return weight
+
+
+class FaultyActor(dispatch.PoolActor):
+    """The search's own actor, except that the formulas in FAULTS are scored by a FaultyScorer."""
+
+    FAULTS = {canonical_key(text, "row"): fault for text, fault in INJECTED.items()}
+
+    def evaluate(self, formula: str, fidelity: str = "ppl") -> dict:
+        fault = self.FAULTS.get(formula)
+        if fault is None:
+            return super().evaluate(formula, fidelity)
+        return self.evaluator.evaluate(FaultyScorer(fault), fidelity)
+
+
+def test_bad_candidates_end_with_inf_and_their_reason(local_ray, search_model, search_cache, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    # Ray imports actor classes by module name in its workers; this test module is not importable there.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(dispatch, "PoolActor", FaultyActor)
+    seeds = ("W - W", *INJECTED, "abs(W) * X")
+    faults = {canonical_key("W - W", "row"): "constant", **FaultyActor.FAULTS}
+    assert len(faults) == 6
+    run_dir = tmp_path / "bad-candidates"
+    # candidate_timeout 1 s: the dispatcher gives up on the hung candidate after 1 + 10 s.
+    search, state = run_in_process(settings(search_model, search_cache, seeds), run_dir, workers=2,
+                                   candidate_timeout=1.0)  # fmt: skip
+
+    assert state.generation == GENERATIONS - 1 and state.hall_of_fame
+    assert search.actors_replaced == 1  # the hung actor, and no other
+    rows = {}
+    for row in candidate_rows(run_dir):
+        rows.setdefault(row["canonical"], []).append(row)
+    for key, fault in faults.items():
+        reason, detail = EXPECTED[fault]
+        (row,) = rows[key]  # screened once, never confirmed
+        assert (row["fitness"], row["fidelity"], row["reason"]) == ("inf", "proxy", reason), (fault, row)
+        assert detail in row["detail"], (fault, row)
+        proxy = state.candidates[key]["proxy"]  # the checkpoint agrees with the memo
+        assert (proxy["fitness"], proxy["reason"]) == (math.inf, reason)
+        assert key not in state.hall_of_fame
+    invalid = json.loads((run_dir / rundir.GENERATIONS).read_text().splitlines()[0])["invalid"]
+    for reason in ("nonfinite", "constant", "error", "timeout"):
+        assert invalid[reason] >= sum(EXPECTED[f][0] == reason for f in faults.values())
+
+
+# --- killed actors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "workers, victims", [(2, "one"), (2, "all"), (1, "all")], ids=["one-of-two", "both", "the-only-one"]
+)
+def test_killed_actors_change_nothing(reference, search_model, search_cache, tmp_path, workers, victims):
+    killed = []
+
+    def kill_actors(event, **info):
+        if event == "result" and info["label"] == "gen 1" and not killed:
+            pool = info["pool"]
+            targets = (pool.where(busy_only=True) or pool.where())[:1] if victims == "one" else pool.where()
+            for target in targets:
+                os.kill(target["pid"], signal.SIGKILL)
+                killed.append(target["pid"])
+
+    run_dir = tmp_path / "actors-killed"
+    search, _ = run_in_process(settings(search_model, search_cache), run_dir, workers=workers,
+                               observer=kill_actors)  # fmt: skip
+    assert len(set(killed)) == (1 if victims == "one" else workers)
+    assert search.actors_replaced >= len(killed)
+    assert outcome(run_dir) == outcome(reference)
+
+
+def test_every_result_is_on_disk_before_the_next_one_arrives(local_ray, search_model, search_cache, tmp_path):
+    """What makes "a killed driver loses at most the jobs in flight" true."""
+    seen = []
+
+    def check_memo(event, **info):
+        if event == "result":
+            on_disk = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
+            seen.append(len(on_disk))
+            assert on_disk[-1][1] == info["fidelity"] and len(on_disk) == len(set(on_disk))
+
+    run_dir = tmp_path / "memo"
+    run_in_process(search_settings(search_model, search_cache, 1, POPULATION), run_dir, observer=check_memo)
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) > POPULATION
+
+
+# --- a killed driver -----------------------------------------------------------------------------
+
+
+def rows_before(run_dir: Path, label: str) -> int:
+    labels = [row["label"] for row in candidate_rows(run_dir)]
+    return labels.index(label)
+
+
+def kill_when_paused(command: list[str], env: dict, run_dir: Path, paused, budget_s: float = 240.0) -> None:
+    """Run the driver until ``paused(run_dir)`` holds, SIGKILL it, and end the Ray processes it left."""
+    log = run_dir.with_name("driver.log")
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **env})
+    helpers, deadline, hit = [], time.monotonic() + budget_s, False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            helpers = descendants(proc.pid) or helpers
+            if paused(run_dir):
+                hit = True
+                break
+            time.sleep(0.05)
+        helpers = descendants(proc.pid) or helpers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        stop_leftovers(helpers)
+    assert hit, f"the driver never reached the pause: {log.read_text()[-2000:]}"
+
+
+def checkpoint_generation(run_dir: Path) -> int | None:
+    """The generation of the checkpoint on disk (None before the first one)."""
+    try:
+        return json.loads((run_dir / rundir.CHECKPOINT).read_text())["generation"]
+    except OSError:
+        return None
+
+
+def rows_on_disk(run_dir: Path) -> int:
+    path = run_dir / rundir.CANDIDATES
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def checkpoint_temps(run_dir: Path) -> list[Path]:
+    return list(run_dir.glob(f".{rundir.CHECKPOINT}.*.tmp")) if run_dir.is_dir() else []
+
+
+def pause_plan(point: str, reference: Path):
+    """(environment for paused_driver.py, a test that the driver is there, the checkpoint's generation then)."""
+    if point == "checkpoint-write":
+        # Writes: start, baselines, generation 0, generation 1, paused inside the last. Read in this order,
+        # generation 0 on disk means that a temp file seen after it belongs to generation 1's write.
+        def there(run_dir: Path) -> bool:
+            return checkpoint_generation(run_dir) == 0 and bool(checkpoint_temps(run_dir))
+
+        return {"PAUSE_IN_CHECKPOINT_WRITE": "4"}, there, 0
+    # After the 2nd result (the baselines come first), or after the 1st result of generation 1.
+    k = 2 if point == "baselines" else rows_before(reference, "gen 1") + 1
+
+    def there(run_dir: Path) -> bool:
+        return rows_on_disk(run_dir) >= k
+
+    return {"PAUSE_AFTER_RESULT": str(k)}, there, -1 if point == "baselines" else 0
+
+
+@pytest.mark.parametrize("point", ["baselines", "mid-generation", "checkpoint-write"])
+def test_sigkilled_driver_resumes_to_the_same_run(reference, search_model, search_cache, tmp_path, point,
+                                                  capsys):  # fmt: skip
+    run_dir = tmp_path / "killed"
+    env, there, generation = pause_plan(point, reference)
+    flags = [*search_flags(settings(search_model, search_cache)), "--workers", "1", "--run-dir", str(run_dir)]
+    kill_when_paused([sys.executable, str(PAUSED_DRIVER), *flags, "--quiet"], env, run_dir, there)
+
+    # The checkpoint on disk is a whole one: the last one completed before the kill.
+    assert load_checkpoint(run_dir, parse_formula).generation == generation
+    persisted = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
+    if point == "checkpoint-write":
+        (temp,) = checkpoint_temps(run_dir)  # the interrupted write is left behind, whole but unused
+        assert json.loads(temp.read_text())["generation"] == 1
+    else:
+        assert len(persisted) == int(env["PAUSE_AFTER_RESULT"])  # every result up to the kill is on disk
+
+    # The resume runs in this process, on the module's Ray (a second Ray start costs several seconds).
+    assert run_cli(main, ["--resume", str(run_dir), "--workers", "2", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["generations"] == GENERATIONS
+    assert outcome(run_dir) == outcome(reference)
+    assert not checkpoint_temps(run_dir)
+    final = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
+    assert final[: len(persisted)] == persisted  # results from before the kill were kept, not recomputed
+    assert sorted(final) == sorted((r["canonical"], r["fidelity"]) for r in candidate_rows(reference))
+
+
+# --- statistics cache ----------------------------------------------------------------------------
+
+
+def flip_last_float(raw: bytes) -> bytes:
+    """Change the last float32 of the tensor data: the file still parses, one value is wrong."""
+    return raw[:-4] + bytes(b ^ 0x5A for b in raw[-4:])
+
+
+DAMAGES = {
+    "flipped-value": ("safetensors", flip_last_float),
+    "truncated": ("safetensors", lambda raw: raw[: len(raw) // 3]),
+    "emptied": ("safetensors", lambda raw: b""),
+    "sidecar-garbage": ("json", lambda raw: b"{not json"),
+    "sidecar-wrong-checksum": ("json", lambda raw: raw.replace(b'"sha256": "', b'"sha256": "0')),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_statistics_cache_is_detected_recomputed_and_not_used(search_model, tmp_path, monkeypatch,
+                                                                      damage):  # fmt: skip
+    from safetensors.torch import load_file
+
+    model, tokenizer = load_model(str(search_model))
+    key = CalibrationKey(nsamples=4, seqlen=32)
+    first = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
+    (data_file,) = (tmp_path / "stats").glob("*.safetensors")
+    suffix, damage_bytes = DAMAGES[damage]
+    target = data_file.with_suffix("." + suffix)
+    pristine = target.read_bytes()
+    target.write_bytes(damage_bytes(pristine))
+    if damage == "flipped-value":  # the damage is invisible without the checksum
+        loaded = load_file(data_file)
+        assert any(not torch.equal(loaded[name], first.tensors[name]) for name in loaded)
+
+    computed = []
+    original = stats_cache.compute_stats
+    monkeypatch.setattr(stats_cache, "compute_stats", lambda *a, **k: computed.append(1) or original(*a, **k))
+    second = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
+    assert computed == [1]
+    assert second.tensors.keys() == first.tensors.keys()
+    for name, tensor in first.tensors.items():
+        assert torch.equal(second.tensors[name], tensor), name
+    assert target.read_bytes() == pristine  # rewritten whole, with its checksum
+    StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
+    assert computed == [1]  # and trusted again from then on
