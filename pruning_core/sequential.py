@@ -57,7 +57,7 @@ def walk_blocks(
     desc: str = "blocks",
 ) -> None:
     """Calibrate block by block and call ``visit(BlockVisit)`` between statistics and propagation."""
-    from pruning_core.stats import HOOKED_STATS, LayerStats
+    from pruning_core.stats import HOOKED_STATS, BlockStats
 
     prefix, blocks = find_blocks(model)
     device = next(model.parameters()).device
@@ -70,10 +70,10 @@ def walk_blocks(
     inputs = capture_inputs(model, blocks[0], windows, batch_size, offload)
     for index, block in enumerate(bar):
         linears = block_linears(block)
-        collectors = {name: LayerStats(linear, stat_names) for name, linear in linears.items()}
+        collector = BlockStats(linears, stat_names)
         last = index == len(blocks) - 1
         inputs.run(block, device, keep_outputs=not sequential and not last)
-        stats = {name: collector.finalize() for name, collector in collectors.items()}
+        stats = collector.finalize()
         visit(BlockVisit(index, f"{prefix}.{index}", linears, stats))
         if sequential and not last:
             inputs.run(block, device, keep_outputs=True)

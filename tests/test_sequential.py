@@ -61,28 +61,39 @@ def test_sequential_driver_matches_a_naive_whole_model_loop(arch):
 
 
 def test_driver_statistics_equal_direct_input_norms_and_hessian():
+    """Every linear, including those that read the same input as another (k/v share q's, up shares
+    gate's: the driver accumulates those once) gets the statistics of its own recorded inputs."""
     model = make_tiny_model("qwen2")
     windows = calib(n=5)
     _, blocks = find_blocks(model)
-    inputs = {}
-
-    def keep_input(_m, args, _o):
-        inputs.setdefault("x", []).append(args[0].reshape(-1, args[0].shape[-1]))
-
-    handle = block_linears(blocks[0])["mlp.down_proj"].register_forward_hook(keep_input)
+    linears = block_linears(blocks[0])
+    inputs = {name: [] for name in linears}
+    handles = [
+        linear.register_forward_hook(
+            lambda _m, args, _o, name=name: inputs[name].append(args[0].flatten(0, -2))
+        )
+        for name, linear in linears.items()
+    ]
     with torch.no_grad():
         model(windows)
-    handle.remove()
-    x = torch.cat(inputs["x"]).double()
+    for handle in handles:
+        handle.remove()
     seen = {}
 
     def visit(v):
         if v.index == 0:
-            seen.update(v.stats["mlp.down_proj"])
+            seen.update(v.stats)
 
     walk_blocks(model, windows, ("X", "hessian"), visit, batch_size=2, progress=False)
-    assert torch.allclose(seen["X"].double(), x.pow(2).sum(0).sqrt(), rtol=1e-5)
-    assert torch.allclose(seen["hessian"].double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert set(seen) == set(linears)
+    for name in linears:
+        x = torch.cat(inputs[name]).double()
+        assert torch.allclose(seen[name]["X"].double(), x.pow(2).sum(0).sqrt(), rtol=1e-5), name
+        assert torch.allclose(
+            seen[name]["hessian"].double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6
+        ), name
+    # shared statistics are handed out as separate tensors: a scorer may not change another's
+    assert seen["self_attn.k_proj"]["hessian"].data_ptr() != seen["self_attn.q_proj"]["hessian"].data_ptr()
 
 
 def test_wanda_scores_are_abs_weight_times_input_norm():
