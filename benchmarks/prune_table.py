@@ -99,7 +99,7 @@ def main():
             "peak_rss_mb": dense.get("peak_rss_mb"),
         }
     ]
-    for scorer in args.scorers.split(","):
+    for scorer in [name for name in args.scorers.split(",") if name]:
         for setting in args.settings.split(","):
             out = cli("prune", *common, "--scorer", scorer, *SETTINGS[setting])
             rows.append(
