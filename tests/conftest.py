@@ -145,3 +145,15 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def isolated_plugins(tmp_path, monkeypatch):
+    """Only the plugin folders a test names are searched, and the scorer registry is restored after."""
+    from pruning_core import plugins
+    from pruning_core.scorers import base
+
+    monkeypatch.setattr(plugins, "_extra_dirs", [])
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("METRIC_SEARCH_PLUGINS", raising=False)

@@ -19,7 +19,6 @@ from search_fixtures import search_settings
 from metric_search.cli import main as search_main
 from metric_search.config import ExecutionSettings
 from metric_search.search import start_run
-from pruning_core import plugins
 from pruning_core.cli import main as core_main
 from pruning_core.cli_common import run_cli
 from pruning_core.scorers import base
@@ -237,17 +236,8 @@ PRUNE_FLAGS = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def plugin_dirs(tmp_path, monkeypatch):
-    """Only the plugin folders a test names are searched, and the scorer registry is restored after."""
-    monkeypatch.setattr(plugins, "_extra_dirs", [])
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("METRIC_SEARCH_PLUGINS", raising=False)
-
-
 @pytest.mark.parametrize("case", sorted(PRUNE_FLAGS))
-def test_bad_prune_flag(case, workspace, search_model, plugin_dirs, capfd):
+def test_bad_prune_flag(case, workspace, search_model, isolated_plugins, capfd):
     flags, words = PRUNE_FLAGS[case]
     argv = ["prune", "--model", str(search_model), "--nsamples", "2", "--seqlen", "32", *flags]
     assert_refused(capfd, workspace, core_main, argv, words)
@@ -278,7 +268,7 @@ PLUGINS = {
 
 @pytest.mark.parametrize("command", ["scorers", "prune"])
 @pytest.mark.parametrize("case", sorted(PLUGINS))
-def test_bad_plugin_file(case, command, workspace, search_model, plugin_dirs, capfd):
+def test_bad_plugin_file(case, command, workspace, search_model, isolated_plugins, capfd):
     folder = workspace / "plugins"
     folder.mkdir()
     content, words = PLUGINS[case]
@@ -289,7 +279,7 @@ def test_bad_plugin_file(case, command, workspace, search_model, plugin_dirs, ca
     assert "mine" not in base._REGISTRY
 
 
-def test_plugins_flag_that_is_not_a_folder(workspace, plugin_dirs, capfd):
+def test_plugins_flag_that_is_not_a_folder(workspace, isolated_plugins, capfd):
     assert_refused(capfd, workspace, core_main, ["scorers", "--plugins", "nowhere"], "is not a directory")
 
 

@@ -21,7 +21,6 @@ from metric_search.cli import main as search_main
 from metric_search.config import ExecutionSettings
 from metric_search.dispatch import EvaluatorPool, Job
 from metric_search.search import start_run
-from pruning_core import plugins
 from pruning_core.cli import main as core_main
 from pruning_core.cli_common import run_cli
 from pruning_core.scorers import base
@@ -68,17 +67,13 @@ def attacks(marker: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def isolated_plugins(tmp_path, monkeypatch):
-    """Only the plugin folder a test names is searched; the scorer registry is restored after."""
-    monkeypatch.setattr(plugins, "_extra_dirs", [])
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("METRIC_SEARCH_PLUGINS", raising=False)
+def plugins_in_tmp(isolated_plugins, tmp_path, monkeypatch):
+    """Isolated plugin folders, run from tmp_path so a relative path an attack names lands there."""
     monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize("attack", sorted(attacks(Path("m"))))
-def test_malicious_plugin_runs_nothing_and_is_refused(attack, tmp_path, isolated_plugins, capfd):
+def test_malicious_plugin_runs_nothing_and_is_refused(attack, tmp_path, plugins_in_tmp, capfd):
     marker = tmp_path / "pwned"
     folder = tmp_path / "plugins"
     folder.mkdir()
@@ -92,7 +87,7 @@ def test_malicious_plugin_runs_nothing_and_is_refused(attack, tmp_path, isolated
     assert registry == base._REGISTRY
 
 
-def test_code_in_a_plugin_description_stays_inert_text(tmp_path, isolated_plugins, capfd):
+def test_code_in_a_plugin_description_stays_inert_text(tmp_path, plugins_in_tmp, capfd):
     """Free-text fields are accepted as text and never interpreted."""
     marker = tmp_path / "pwned"
     folder = tmp_path / "plugins"
