@@ -21,6 +21,35 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def evaluator_parser(
+    description: str, nsamples: int = 16, fitness_windows: int = 4
+) -> argparse.ArgumentParser:
+    """`parser` plus the flags that set up a fitness evaluator (see `evaluator_settings`)."""
+    p = parser(description)
+    p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--fitness-windows", type=int, default=fitness_windows)
+    p.add_argument("--fitness-seqlen", type=int, default=256)
+    p.add_argument("--cache-dir", default=None)
+    return p
+
+
+def evaluator_settings(args: argparse.Namespace):
+    from fitness.setup import EvaluatorSettings
+
+    return EvaluatorSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        nsamples=args.nsamples,
+        calib_seqlen=args.calib_seqlen,
+        fitness_windows=args.fitness_windows,
+        fitness_seqlen=args.fitness_seqlen,
+    )
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 
-from common import parser, report
+from common import evaluator_parser, evaluator_settings, report
 
 
 def random_formulas(count: int, seed: int, max_depth: int) -> list[str]:
@@ -38,30 +38,16 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def main():
-    p = parser(__doc__)
+    p = evaluator_parser(__doc__, nsamples=16, fitness_windows=4)
     p.add_argument("--random", type=int, default=44, help="random trees besides the known metrics")
     p.add_argument("--max-depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--fitness-windows", type=int, default=4)
-    p.add_argument("--fitness-seqlen", type=int, default=256)
     args = p.parse_args()
 
-    from fitness.setup import EvaluatorSettings, build_evaluator
+    from fitness.setup import build_evaluator
     from primitives import KNOWN_FORMULAS
 
-    settings = EvaluatorSettings(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        data_dir=args.data_dir,
-        nsamples=args.nsamples,
-        calib_seqlen=args.calib_seqlen,
-        fitness_windows=args.fitness_windows,
-        fitness_seqlen=args.fitness_seqlen,
-    )
-    evaluator = build_evaluator(settings, progress=not args.json)
+    evaluator = build_evaluator(evaluator_settings(args), progress=not args.json)
     candidates = list(KNOWN_FORMULAS.values()) + random_formulas(args.random, args.seed, args.max_depth)
     rows = []
     for text in candidates:

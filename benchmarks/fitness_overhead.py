@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parser, peak_rss_mb, report
+from common import evaluator_parser, evaluator_settings, peak_rss_mb, report
 
 
 @torch.no_grad()
@@ -22,28 +22,14 @@ def bare_forward_seconds(model, windows) -> float:
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--fitness-windows", type=int, default=8)
-    p.add_argument("--fitness-seqlen", type=int, default=256)
+    p = evaluator_parser(__doc__, nsamples=16, fitness_windows=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--formula", default="abs(W) * X")
     args = p.parse_args()
 
-    from fitness.setup import EvaluatorSettings, build_evaluator
+    from fitness.setup import build_evaluator
 
-    settings = EvaluatorSettings(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        data_dir=args.data_dir,
-        nsamples=args.nsamples,
-        calib_seqlen=args.calib_seqlen,
-        fitness_windows=args.fitness_windows,
-        fitness_seqlen=args.fitness_seqlen,
-    )
-    evaluator = build_evaluator(settings, progress=not args.json)
+    evaluator = build_evaluator(evaluator_settings(args), progress=not args.json)
     rss_before_eval = peak_rss_mb()
     evaluator.evaluate_text(args.formula)  # warm-up: compile cache, allocator
     evaluate, bare = [], []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 
-from common import parser, report
+from common import evaluator_parser, evaluator_settings, report
 
 from fitness.setup import EvaluatorSettings, build_evaluator
 from metric_search import cluster
@@ -35,22 +35,13 @@ def timed_pool(evaluator: EvaluatorSettings, workers: int, jobs: list[Job]) -> t
 
 
 def main():
-    p = parser(__doc__)
+    p = evaluator_parser(__doc__, nsamples=32, fitness_windows=4)
     p.add_argument("--fidelity", choices=["proxy", "ppl"], default="ppl")
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", default="1,2", help="comma list of worker counts")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--fitness-windows", type=int, default=4)
-    p.add_argument("--fitness-seqlen", type=int, default=256)
-    p.add_argument("--cache-dir", default=None)
     args = p.parse_args()
-    evaluator = EvaluatorSettings(
-        model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
-        nsamples=args.nsamples, calib_seqlen=args.seqlen, fitness_windows=args.fitness_windows,
-        fitness_seqlen=args.fitness_seqlen,
-    )  # fmt: skip
+    evaluator = evaluator_settings(args)
     formulas = one_generation(SearchSettings(generations=1, population=args.population, seed=args.seed))
     jobs = [Job(formula, args.fidelity) for formula in formulas]
     build_evaluator(evaluator)  # fills the statistics cache outside the timed part
