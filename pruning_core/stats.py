@@ -43,12 +43,17 @@ class Hessian:
 HOOKED_STATS = {"X": ColumnNorm, "hessian": Hessian}
 
 
+def new_accumulators(linear: torch.nn.Linear, names: tuple[str, ...]) -> list:
+    """Empty accumulators for the hooked statistics among ``names``, sized for ``linear``'s input."""
+    device = linear.weight.device
+    return [HOOKED_STATS[n](linear.in_features, device) for n in names if n in HOOKED_STATS]
+
+
 class LayerStats:
     """The accumulators one nn.Linear needs, fed by a forward hook on its input."""
 
     def __init__(self, linear: torch.nn.Linear, names: tuple[str, ...]):
-        device = linear.weight.device
-        self.accumulators = [HOOKED_STATS[n](linear.in_features, device) for n in names if n in HOOKED_STATS]
+        self.accumulators = new_accumulators(linear, names)
         self.handle = linear.register_forward_hook(self._hook) if self.accumulators else None
 
     def _hook(self, _module, inputs, _output):
@@ -83,10 +88,7 @@ class BlockStats:
                 shared = next((owner for seen, owner in self._inputs_seen if seen is inputs[0]), None)
                 self.owner[name] = shared or name
                 if shared is None:
-                    device = module.weight.device
-                    self.accumulators[name] = [
-                        HOOKED_STATS[n](module.in_features, device) for n in self.names
-                    ]
+                    self.accumulators[name] = new_accumulators(module, self.names)
                     self._inputs_seen.append((inputs[0], name))
                 if len(self.owner) == len(self.linears):
                     self._inputs_seen.clear()  # identities are settled; drop the references
@@ -106,8 +108,7 @@ class BlockStats:
         for name, linear in self.linears.items():
             owner = self.owner.get(name)
             if owner is None:  # never called by the block: empty accumulators, as if it saw no tokens
-                device = linear.weight.device
-                stats[name] = {n: HOOKED_STATS[n](linear.in_features, device).finalize() for n in self.names}
+                stats[name] = {a.name: a.finalize() for a in new_accumulators(linear, self.names)}
             elif owner == name:
                 stats[name] = own[name]
             else:
