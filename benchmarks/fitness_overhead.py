@@ -35,12 +35,12 @@ def main():
     evaluate, bare = [], []
     for _ in range(args.rounds):  # interleaved, best of each, so outside load hits both alike
         evaluate.append(evaluator.evaluate_text(args.formula)["seconds"])
-        bare.append(bare_forward_seconds(evaluator.model, evaluator.windows))
+        bare.append(bare_forward_seconds(evaluator.model, evaluator.windows_for("ppl")))
     model_mb = sum(p.numel() * p.element_size() for p in evaluator.model.parameters()) / 2**20
     result = {
         "model": args.model,
         "device": str(next(evaluator.model.parameters()).device),
-        "fitness_tokens": int(evaluator.windows.numel()),
+        "fitness_tokens": int(evaluator.windows_for("ppl").numel()),
         "evaluate_s": min(evaluate),
         "bare_forward_s": min(bare),
         "ratio": min(evaluate) / min(bare),

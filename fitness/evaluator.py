@@ -1,5 +1,11 @@
-"""One candidate metric = score every linear with it, mask in place from a kept dense copy, measure,
-restore bit-identical. A bad candidate gets fitness +inf and a reason code, never an exception."""
+"""One candidate metric = score every linear with it, mask from a kept dense copy, measure, restore
+bit-identical. A bad candidate gets fitness +inf and a reason code, never an exception.
+
+Fidelities form a ladder, cheapest first: ``proxy`` (layer reconstruction error from the cached
+Hessians; the model is never masked), ``ppl`` (perplexity on the first ``windows`` fitness windows)
+and ``top`` (perplexity on the first ``top_windows``, a superset). With several sparsity settings the
+fitness is the geometric mean over them, so ranking by it is ranking by the mean of log(value / a
+baseline's value) over the settings, whatever the baseline."""
 
 from __future__ import annotations
 
@@ -16,18 +22,32 @@ from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers.base import SparsitySpec
 
-REASONS = ("nonfinite", "constant", "error", "timeout")
-FIDELITIES = ("proxy", "ppl")
+REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
+# Failures of the machine, not of the formula: never kept as a formula's result (a resume retries them).
+TRANSIENT = ("timeout", "oom", "lost")
+FIDELITIES = ("proxy", "ppl", "top")  # the ladder, cheapest first
 PROXY_ROWS = 32  # rows per linear sampled for the reconstruction proxy
+PROXY_FLOOR = 1e-20  # a zero error would make the geometric mean -inf
+
+
+def comparison_group(specs) -> str:
+    """One group whose rank-equivalence holds for every setting: an order over a whole matrix is also
+    the order within each row (and N:M group), not the other way round."""
+    return "matrix" if any(s.group == "matrix" and not s.is_nm for s in specs) else "row"
+
+
+def setting_label(spec: SparsitySpec) -> str:
+    return spec.describe()
 
 
 @dataclass(frozen=True)
 class FitnessConfig:
-    spec: SparsitySpec = SparsitySpec(0.5)
+    specs: tuple[SparsitySpec, ...] = (SparsitySpec(0.5),)
     data: str = "wikitext2-valid"
     windows: int = 4
     seqlen: int = 256
     timeout_s: float = 600.0
+    top_windows: int = 16
 
 
 class CandidateFailed(Exception):
@@ -36,8 +56,23 @@ class CandidateFailed(Exception):
         self.reason = reason
 
 
-def _result(fitness: float, reason: str | None, fidelity: str, seconds: float, detail: str = "") -> dict:
-    return {"fitness": fitness, "reason": reason, "fidelity": fidelity, "seconds": seconds, "detail": detail}
+def _result(fitness: float, reason: str | None, fidelity: str, seconds: float, detail: str = "",
+            values: dict | None = None) -> dict:  # fmt: skip
+    result = {
+        "fitness": fitness,
+        "reason": reason,
+        "fidelity": fidelity,
+        "seconds": seconds,
+        "detail": detail,
+    }
+    if values is not None:
+        result["values"] = values
+    return result
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(max(v, PROXY_FLOOR)) for v in values) / len(values))
 
 
 class Evaluator:
@@ -48,69 +83,113 @@ class Evaluator:
         self.linears = prunable_linears(model)
         self.dense = {name: linear.weight.detach().clone() for name, linear in self.linears.items()}
         tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
-        self.windows = make_windows(tokens, config.seqlen, config.windows)
+        self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(w.shape[0], generator=generator)[:PROXY_ROWS].to(w.device)
             for name, w in self.dense.items()
         }
 
+    @property
+    def group(self) -> str:
+        return comparison_group(self.config.specs)
+
+    def windows_for(self, fidelity: str) -> torch.Tensor:
+        return self.windows[: self.config.top_windows if fidelity == "top" else self.config.windows]
+
     def restore(self) -> None:
         with torch.no_grad():
             for name, linear in self.linears.items():
                 linear.weight.copy_(self.dense[name])
 
-    def _apply(self, scorer, deadline: float, with_proxy: bool) -> float | None:
-        """Mask every linear in place; with ``with_proxy`` return the mean relative reconstruction error
-        (the proxy), else None (the perplexity fidelity does not pay for it)."""
-        spec = self.config.spec
-        errors = []
-        for name, linear in self.linears.items():
-            if time.monotonic() > deadline:
-                raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
-            dense = self.dense[name]
-            stats = self.stats.linear_stats(name)
-            scores = scorer.score(dense.float(), stats)
-            if scores.shape != dense.shape:
-                raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(dense.shape)}")
-            groups = scores.reshape(-1, spec.m) if spec.is_nm else scores
-            groups = groups.reshape(1, -1) if spec.group == "matrix" and not spec.is_nm else groups
-            # one pass gives both checks: NaN and +-inf reach a group's max or min
-            low, high = torch.aminmax(groups, dim=1)
-            if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
-                raise CandidateFailed("nonfinite", name)
-            if bool((low == high).all()):
-                raise CandidateFailed("constant", name)
-            keep = keep_mask(scores, spec)
-            torch.mul(dense, keep, out=linear.weight)
-            if with_proxy:
-                errors.append(self._reconstruction_error(name, dense, keep, stats["hessian"]))
-        return sum(errors) / len(errors) if with_proxy else None
+    def _scores(self, scorer, name: str, deadline: float):
+        if time.monotonic() > deadline:
+            raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
+        dense = self.dense[name]
+        stats = self.stats.linear_stats(name)
+        scores = scorer.score(dense.float(), stats)
+        if scores.shape != dense.shape:
+            raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(dense.shape)}")
+        return dense, stats, scores
 
-    def _reconstruction_error(self, name, dense, keep, hessian) -> float:
+    @staticmethod
+    def _check(scores: torch.Tensor, spec: SparsitySpec, name: str) -> None:
+        """A bad candidate fails here: NaN / inf anywhere, or scores constant over every group."""
+        groups = scores.reshape(-1, spec.m) if spec.is_nm else scores
+        groups = groups.reshape(1, -1) if spec.group == "matrix" and not spec.is_nm else groups
+        # one pass gives both checks: NaN and +-inf reach a group's max or min
+        low, high = torch.aminmax(groups, dim=1)
+        if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise CandidateFailed("nonfinite", name)
+        if bool((low == high).all()):
+            raise CandidateFailed("constant", name)
+
+    def _keep(self, scores: torch.Tensor, spec: SparsitySpec, name: str) -> torch.Tensor:
+        self._check(scores, spec, name)
+        return keep_mask(scores, spec)
+
+    def _proxy(self, scorer, deadline: float) -> list[float]:
+        """Mean relative reconstruction error over the linears, per setting; nothing is masked. Row and
+        N:M masks of the sampled rows need only those rows' scores; a matrix mask needs them all."""
+        specs = self.config.specs
+        errors = [[] for _ in specs]
+        for name in self.linears:
+            dense, stats, scores = self._scores(scorer, name, deadline)
+            rows = self.proxy_rows[name]
+            for per_spec, spec in zip(errors, specs):
+                self._check(scores, spec, name)
+                if spec.group == "matrix" and not spec.is_nm:
+                    keep_rows = keep_mask(scores, spec)[rows]
+                else:
+                    keep_rows = keep_mask(scores[rows], spec)
+                per_spec.append(self._reconstruction_error(dense[rows], keep_rows, stats["hessian"]))
+        return [sum(e) / len(e) for e in errors]
+
+    def _mask(self, scorer, spec: SparsitySpec, deadline: float) -> None:
+        """Every linear in place: dense weight times the candidate's keep-mask for ``spec``."""
+        for name, linear in self.linears.items():
+            dense, _, scores = self._scores(scorer, name, deadline)
+            torch.mul(dense, self._keep(scores, spec, name), out=linear.weight)
+
+    @staticmethod
+    def _reconstruction_error(weight_rows, keep_rows, hessian) -> float:
         """||dW X||^2 / ||W X||^2 on sampled rows, from the Hessian (no forward pass)."""
-        rows = self.proxy_rows[name]
-        w = dense[rows].float()
-        removed = w * (~keep[rows])
+        w = weight_rows.float()
+        removed = w * (~keep_rows)
         err = (removed @ hessian * removed).sum()
         base = (w @ hessian * w).sum().clamp_min(1e-20)
         return float(err / base)
 
+    def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
+        """Setting label -> proxy error or perplexity."""
+        specs = self.config.specs
+        if fidelity == "proxy":
+            return dict(zip(map(setting_label, specs), self._proxy(scorer, deadline)))
+        values = {}
+        for spec in specs:
+            self._mask(scorer, spec, deadline)
+            ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
+            if not math.isfinite(ppl):
+                raise CandidateFailed("nonfinite", f"perplexity overflowed at {setting_label(spec)}")
+            values[setting_label(spec)] = ppl
+        return values
+
     @torch.no_grad()
     def evaluate(self, scorer, fidelity: str = "ppl") -> dict:
-        """Fitness of ``scorer`` (lower is better): proxy error or perplexity; never raises."""
+        """Fitness of ``scorer`` (lower is better) at a rung of the ladder; never raises."""
         if fidelity not in FIDELITIES:
             raise ValueError(f"fidelity must be one of {FIDELITIES}")
         start = time.monotonic()
         try:
-            fitness = self._apply(scorer, start + self.config.timeout_s, with_proxy=fidelity == "proxy")
-            if fidelity == "ppl":
-                fitness = perplexity(self.model, self.windows, progress=False)["ppl"]
-            if not math.isfinite(fitness):
-                raise CandidateFailed("nonfinite", "perplexity overflowed")
-            return _result(fitness, None, fidelity, time.monotonic() - start)
+            values = self._measure(scorer, fidelity, start + self.config.timeout_s)
+            fitness = geometric_mean(values.values())
+            return _result(fitness, None, fidelity, time.monotonic() - start, values=values)
         except CandidateFailed as failed:
             return _result(math.inf, failed.reason, fidelity, time.monotonic() - start, str(failed))
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            return _result(
+                math.inf, "oom", fidelity, time.monotonic() - start, f"{type(err).__name__}: {err}"
+            )
         except Exception as err:  # any crash of a candidate's code is that candidate's fault
             return _result(
                 math.inf, "error", fidelity, time.monotonic() - start, f"{type(err).__name__}: {err}"
@@ -122,7 +201,7 @@ class Evaluator:
         from primitives.scorer import FormulaScorer
 
         try:
-            scorer = FormulaScorer(formula, group=self.config.spec.group)
+            scorer = FormulaScorer(formula, group=self.group)
         except Exception as err:
             return _result(math.inf, "error", fidelity, 0.0, f"{type(err).__name__}: {err}")
         return self.evaluate(scorer, fidelity)

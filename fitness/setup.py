@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 from fitness.evaluator import Evaluator, FitnessConfig
 from fitness.stats_cache import CalibrationKey, StatsCache
+from pruning_core.masks import setting_spec
 from pruning_core.models import cache_dir, load_model
-from pruning_core.scorers.base import SparsitySpec
 
 
 @dataclass(frozen=True)
@@ -21,17 +21,31 @@ class EvaluatorSettings:
     nsamples: int = 32
     calib_seqlen: int = 256
     seed: int = 0
-    sparsity: float = 0.5
-    n: int = 0
-    m: int = 0
+    patterns: tuple[str, ...] = ("0.5",)  # sparsity settings, each '0.5' or '2:4'; fitness averages them
     group: str = "row"
     fitness_data: str = "wikitext2-valid"
     fitness_windows: int = 4
+    top_windows: int = 16
     fitness_seqlen: int = 256
     timeout_s: float = 600.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["patterns"] = list(self.patterns)
+        return data
+
+    @property
+    def specs(self):
+        return tuple(setting_spec(label, self.group) for label in self.patterns)
+
+
+def resolved_numbers(settings: EvaluatorSettings) -> dict:
+    """The device type and dtype this machine would compute with: results of a run are comparable
+    only under one of each (a resume that would change them is refused)."""
+    from pruning_core.models import resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    return {"device": device.type, "dtype": str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")}
 
 
 def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Evaluator:
@@ -41,10 +55,11 @@ def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Eval
         model, tokenizer, key, cache_dir(settings.cache_dir), settings.data_dir, progress=progress
     )
     config = FitnessConfig(
-        SparsitySpec(settings.sparsity, settings.n, settings.m, settings.group),
+        settings.specs,
         settings.fitness_data,
         settings.fitness_windows,
         settings.fitness_seqlen,
         settings.timeout_s,
+        settings.top_windows,
     )
     return Evaluator(model, tokenizer, stats, config, settings.data_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from metric_search.config import (
+    DEFAULT_SETTINGS,
     PROFILES,
     ExecutionSettings,
     SearchSettings,
@@ -45,7 +46,7 @@ def search_parser() -> OneLineParser:
     g.add_argument("--tournament", type=int, help="tournament size (3)")
     g.add_argument("--elite", type=int, help="best distinct formulas kept unchanged each generation (2)")
     g.add_argument("--hof-size", type=int, help="hall of fame size (10)")
-    g.add_argument("--init-depth", help="ramped half-and-half depth range MIN:MAX (1:3)")
+    g.add_argument("--init-depth", help="ramped half-and-half depth range MIN:MAX (2:3)")
     g.add_argument("--max-depth", type=int, help="bloat control: deepest tree (6)")
     g.add_argument("--max-size", type=int, help="bloat control: most nodes (24)")
     g.add_argument(
@@ -53,19 +54,38 @@ def search_parser() -> OneLineParser:
         help=f"initial formulas: comma list of known names or formula texts, or none ({DEFAULT_SEEDS})",
     )
     f = p.add_argument_group("fitness")
-    f.add_argument("--sparsity", type=float, help="unstructured sparsity in (0, 1) (0.5)")
-    f.add_argument("--pattern", help="N:M semi-structured pattern instead, e.g. 2:4")
+    f.add_argument(
+        "--settings",
+        help=f"sparsity settings the fitness averages over: comma list of ratios and N:M ({DEFAULT_SETTINGS})",
+    )
+    f.add_argument("--sparsity", type=float, help="one unstructured setting instead of --settings")
+    f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
     f.add_argument("--group", help="row or matrix (row)")
     f.add_argument("--calib", help="calibration corpus (c4)")
     f.add_argument("--nsamples", type=int, help="calibration windows (cpu 32, gpu 128)")
     f.add_argument("--seqlen", type=int, help="calibration window length (cpu 256, gpu 512)")
     f.add_argument("--calib-seed", type=int, help="calibration sampling seed (0)")
     f.add_argument("--fitness-data", help="fitness corpus (wikitext2-valid)")
-    f.add_argument("--fitness-windows", type=int, help="perplexity windows per candidate (cpu 4, gpu 16)")
-    f.add_argument("--fitness-seqlen", type=int, help="tokens per fitness window (cpu 256, gpu 512)")
-    f.add_argument("--no-multi-fidelity", action="store_true", help="measure every candidate by perplexity")
+    f.add_argument("--fitness-windows", type=int, help="perplexity windows of the base rung (cpu 2, gpu 16)")
+    f.add_argument("--top-windows", type=int, help="perplexity windows of the top rung (cpu 8, gpu 64)")
+    f.add_argument("--fitness-seqlen", type=int, help="tokens per fitness window (cpu 512, gpu 512)")
+    f.add_argument("--no-multi-fidelity", action="store_true", help="every new formula gets base perplexity")
+    f.add_argument("--confirm", type=int, help="formulas per generation given base perplexity (cpu 3, gpu 8)")
     f.add_argument(
-        "--confirm", type=int, help="candidates confirmed by perplexity per generation (cpu 3, gpu 8)"
+        "--promote", type=int, help="formulas per generation promoted to the top rung (cpu 1, gpu 3)"
+    )
+    f.add_argument(
+        "--tune",
+        type=int,
+        help="constant-tuning variants of the best formula per generation (cpu 1, gpu 4; 0: off)",
+    )
+    f.add_argument(
+        "--final-top",
+        type=int,
+        help="hall-of-fame formulas checked against Wanda at the end (cpu 2, gpu 5; 0: none)",
+    )
+    f.add_argument(
+        "--final-windows", type=int, help="WikiText-2 valid windows of that final check (cpu 16, gpu 64)"
     )
     add_model_flags(p)
     r = p.add_argument_group("execution")
@@ -92,7 +112,7 @@ def explicit_flags(parser, argv: list[str]) -> set[str]:
 
 def _init_depth(text: str | None) -> tuple[int, int]:
     if text is None:
-        return 1, 3
+        return 2, 3
     parts = text.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"--init-depth must be MIN:MAX with integers (e.g. 1:3), got {text!r}")
@@ -135,7 +155,6 @@ def resolve_seed_formulas(items: list[str]) -> tuple[str, ...]:
 def settings_from_args(args) -> SearchSettings:
     from fitness.setup import EvaluatorSettings
     from pruning_core.data import CORPORA
-    from pruning_core.masks import parse_pattern
 
     profile = PROFILES[args.profile]
 
@@ -143,7 +162,7 @@ def settings_from_args(args) -> SearchSettings:
         value = getattr(args, name)
         return default if value is None else value
 
-    sparsity, n, m = parse_pattern(args.pattern, pick("sparsity", 0.5))
+    patterns = _patterns(args)
     for flag, name in (
         ("--calib", pick("calib", "c4")),
         ("--fitness-data", pick("fitness_data", "wikitext2-valid")),
@@ -153,9 +172,10 @@ def settings_from_args(args) -> SearchSettings:
     evaluator = EvaluatorSettings(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
         calib=pick("calib", "c4"), nsamples=pick("nsamples", profile["nsamples"]),
-        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", 0), sparsity=sparsity, n=n, m=m,
+        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", 0), patterns=patterns,
         group=pick("group", "row"), fitness_data=pick("fitness_data", "wikitext2-valid"),
         fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
+        top_windows=pick("top_windows", profile["top_windows"]),
         fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
         timeout_s=pick("candidate_timeout", profile["candidate_timeout"]),
     )  # fmt: skip
@@ -170,10 +190,25 @@ def settings_from_args(args) -> SearchSettings:
         init_min_depth=min_depth, init_max_depth=max_depth, max_depth=pick("max_depth", defaults.max_depth),
         max_size=pick("max_size", defaults.max_size),
         seed_formulas=resolve_seed_formulas(split_formulas(args.seed_formulas)),
-        multi_fidelity=not args.no_multi_fidelity, confirm=pick("confirm", profile["confirm"]), evaluator=evaluator,
+        multi_fidelity=not args.no_multi_fidelity, confirm=pick("confirm", profile["confirm"]),
+        promote=pick("promote", profile["promote"]), tune=pick("tune", profile["tune"]), final_top=pick("final_top", profile["final_top"]),
+        final_windows=pick("final_windows", profile["final_windows"]), evaluator=evaluator,
     )  # fmt: skip
     check_search(settings)
     return settings
+
+
+def _patterns(args) -> tuple[str, ...]:
+    """--settings, or one setting from --sparsity / --pattern (not both kinds at once)."""
+    from pruning_core.masks import parse_pattern, parse_settings
+
+    single = args.sparsity is not None or args.pattern is not None
+    if single and args.settings is not None:
+        raise UsageError("pass either --settings or --sparsity/--pattern, not both")
+    if not single:
+        return parse_settings(DEFAULT_SETTINGS if args.settings is None else args.settings)
+    sparsity, n, m = parse_pattern(args.pattern, 0.5 if args.sparsity is None else args.sparsity)
+    return parse_settings(f"{n}:{m}" if m else f"{sparsity}")
 
 
 def execution_from_args(args, device: str | None) -> ExecutionSettings:
@@ -242,8 +277,8 @@ def resume_settings(args, given: set[str]):
 def _flag_value(settings: SearchSettings, dest: str):
     evaluator = settings.evaluator
     mapping = {
-        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.seed, "pattern": (evaluator.n, evaluator.m),
-        "sparsity": evaluator.sparsity, "init_depth": (settings.init_min_depth, settings.init_max_depth),
+        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.seed, "pattern": evaluator.patterns,
+        "sparsity": evaluator.patterns, "settings": evaluator.patterns, "init_depth": (settings.init_min_depth, settings.init_max_depth),
         "no_multi_fidelity": not settings.multi_fidelity, "seed_formulas": settings.seed_formulas,
     }  # fmt: skip
     if dest in mapping:

@@ -9,13 +9,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fitness.evaluator import FIDELITIES, REASONS
 from metric_search.rundir import CHECKPOINT, atomic_write_json
 from pruning_core.errors import UsageError
 
 FORMAT = "metric-search-checkpoint"
-VERSION = 1
-FIDELITIES = ("proxy", "ppl")
-REASONS = ("nonfinite", "constant", "error", "timeout")
+VERSION = 2  # 2: the top rung, per-setting values, the final check
 _MT_WORDS = 625  # Mersenne Twister: 624 state words + the position
 
 
@@ -30,6 +29,7 @@ class SearchState:
     hall_of_fame: list[str] = field(default_factory=list)  # canonical keys, best first
     history: list[dict] = field(default_factory=list)  # one summary per completed generation
     baselines: dict[str, dict] = field(default_factory=dict)  # name -> formula, canonical, fidelities
+    final: dict | None = None  # the final check against Wanda (metric_search.final), once done
 
 
 def rng_to_json(state: tuple) -> list:
@@ -58,11 +58,14 @@ def encode_result(result: dict | None) -> dict | None:
     if result is None:
         return None
     fitness = result["fitness"]
-    return {
+    encoded = {
         "fitness": fitness if math.isfinite(fitness) else None,
         "reason": result.get("reason"),
         "seconds": round(float(result.get("seconds", 0.0)), 4),
     }
+    if result.get("values"):
+        encoded["values"] = dict(result["values"])
+    return encoded
 
 
 def decode_result(data) -> dict | None:
@@ -80,7 +83,23 @@ def decode_result(data) -> dict | None:
     seconds = data.get("seconds", 0.0)
     if not isinstance(seconds, (int, float)):
         raise ValueError("seconds is not a number")
-    return {"fitness": float(fitness), "reason": reason if fitness == math.inf else None, "seconds": seconds}
+    values = data.get("values")
+    if values is not None and not (
+        isinstance(values, dict)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values.values()
+        )
+    ):
+        raise ValueError("per-setting values are not finite numbers")
+    decoded = {
+        "fitness": float(fitness),
+        "reason": reason if fitness == math.inf else None,
+        "seconds": seconds,
+    }
+    if values:
+        decoded["values"] = {str(k): float(v) for k, v in values.items()}
+    return decoded
 
 
 def _encode_entry(entry: dict) -> dict:
@@ -114,6 +133,7 @@ def state_to_json(state: SearchState) -> dict:
         "hall_of_fame": list(state.hall_of_fame),
         "history": state.history,
         "baselines": {name: _encode_entry(entry) for name, entry in state.baselines.items()},
+        "final": state.final,
     }
 
 
@@ -146,6 +166,14 @@ def state_from_json(data, check_formula) -> SearchState:
         raise ValueError("history is not a list of objects")
     if any(canonical not in candidates for _, canonical in population):
         raise ValueError("a population member has no result")
+    final = data.get("final")
+    if final is not None:
+        if not isinstance(final, dict) or not isinstance(final.get("rows", []), list):
+            raise ValueError("final is not an object with rows")
+        for row in final.get("rows", []):
+            if not isinstance(row, dict) or not isinstance(row.get("formula"), str):
+                raise ValueError("a final row lacks its formula text")
+            check_formula(row["formula"])
     return SearchState(
         generation=generation,
         rng=rng_from_json(data.get("rng")),
@@ -154,6 +182,7 @@ def state_from_json(data, check_formula) -> SearchState:
         hall_of_fame=list(hall),
         history=history,
         baselines={str(k): _decode_entry(v, check_formula) for k, v in baselines.items()},
+        final=final,
     )
 
 

@@ -45,6 +45,7 @@ def plan_search(argv: list[str]) -> SearchPlan:
     if args.resume:
         run, settings = resume_settings(args, explicit_flags(parser, argv))
         run_dir, run_id, config = run.path, run.config["run_id"], run.config
+        _check_same_numbers(config, settings)
     else:
         settings = settings_from_args(args)
         run_id = rundir.new_run_id(settings.evaluator.model, settings.seed)
@@ -56,6 +57,19 @@ def plan_search(argv: list[str]) -> SearchPlan:
     Engine(settings)  # seed formulas must have a GP form: fail now rather than after loading models
     cluster.check_address(execution.address)
     return SearchPlan(settings, execution, run_dir, run_id, config, args.json)
+
+
+def _check_same_numbers(config: dict, settings: SearchSettings) -> None:
+    """A run's results are comparable only under one device type and dtype: a resume that would
+    compute with others is refused (the cached results would be mixed with different numbers)."""
+    from fitness.setup import resolved_numbers
+
+    now, then = resolved_numbers(settings.evaluator), config.get("numbers")
+    if then is not None and now != then:
+        raise UsageError(
+            f"this resume would compute on {now['device']} in {now['dtype']} but the run used {then['device']} "
+            f"in {then['dtype']}; pass --device {then['device']} --dtype {then['dtype']} or start a new run"
+        )
 
 
 def preflight(settings: SearchSettings, progress: bool) -> None:
@@ -102,20 +116,27 @@ def cmd_search(argv: list[str]) -> int:
             ray.shutdown()
     write_report(plan.run_dir, load_run(plan.run_dir).config, state)
     hall = hall_of_fame_entries(state)
-    wanda = (state.baselines.get("wanda") or {}).get("ppl") or {}
+    wanda = (state.baselines.get("wanda") or {}).get("top") or {}
+    chosen = state.final["chosen"] if state.final else (hall[0] if hall else None)
     result = {
         "run_dir": str(plan.run_dir),
         "run_id": plan.run_id,
         "generations": state.generation + 1,
         "best": hall[0] if hall else None,
+        "chosen": chosen,
+        "final": state.final,
         "hall_of_fame": hall,
-        "wanda_ppl": wanda.get("fitness"),
+        "wanda_top": wanda.get("fitness"),
         "actors_replaced": search.actors_replaced,
         "seconds": round(time.monotonic() - started, 2),
     }
-    best = f"best `{hall[0]['formula']}` ppl {hall[0]['ppl']:.4f}" if hall else "no formula confirmed"
+    if state.final:
+        c = state.final["chosen"]
+        best = f"chosen `{c['formula']}`: {c['ratio']:.4f}x Wanda on held-out windows ({c['verdict']})"
+    else:
+        best = f"best `{hall[0]['formula']}`" if hall else "no formula measured by perplexity"
     human = (
-        f"{plan.run_dir}: {result['generations']} generations, {best} (wanda {result['wanda_ppl']}), "
+        f"{plan.run_dir}: {result['generations']} generations, {best}, "
         f"{result['seconds']:.0f} s; report {plan.run_dir / 'report.md'}"
     )
     emit(result, plan.as_json, human)

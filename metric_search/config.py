@@ -12,22 +12,29 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from fitness.setup import EvaluatorSettings
 from pruning_core.errors import UsageError
+from pruning_core.masks import parse_settings
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: several sparsity settings, a three-rung fidelity ladder, the final check
 
-# CPU profile: the README's main command on smollm2-135m finishes in <= 30 minutes on 2 cores.
-# Measured with one thread per actor: statistics once per (model, calibration) ~3.5 min, cached after;
-# the proxy ~4 s per candidate, perplexity on 4 windows of 256 tokens ~9.5 s. The proxy screens every
-# new candidate (~10-15 per generation) and perplexity confirms `confirm` per generation (one round on
-# the two actors): 20 generations took 16 min with the machine shared (load ~8).
+# CPU profile: the README's main command on smollm2-135m within ~25 minutes on 2 cores. Fitness follows
+# the validation protocol (512-token windows, 50% and 2:4 at once); the ladder: the proxy screens every
+# new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
+# of those climb to `top_windows`; `tune` variants of the hall of fame's head (one constant changed)
+# per generation go up the ladder and join only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
+# `final_windows` further windows of WikiText-2 valid, paired with Wanda.
 CPU_PROFILE = {
-    "generations": 20,
+    "generations": 16,
     "population": 24,
-    "confirm": 2,
-    "nsamples": 32,
-    "seqlen": 256,
-    "fitness_windows": 4,
-    "fitness_seqlen": 256,
+    "confirm": 3,
+    "promote": 1,
+    "tune": 1,
+    "nsamples": 16,
+    "seqlen": 512,
+    "fitness_windows": 2,
+    "top_windows": 8,
+    "fitness_seqlen": 512,
+    "final_top": 2,
+    "final_windows": 16,
     "workers": 2,
     "threads": 1,
     "candidate_timeout": 300.0,
@@ -39,15 +46,21 @@ GPU_PROFILE = {
     "generations": 50,
     "population": 64,
     "confirm": 8,
+    "promote": 3,
+    "tune": 4,
     "nsamples": 128,
     "seqlen": 512,
     "fitness_windows": 16,
+    "top_windows": 64,
     "fitness_seqlen": 512,
+    "final_top": 5,
+    "final_windows": 64,
     "workers": 1,
     "threads": 4,
     "candidate_timeout": 600.0,
 }
 PROFILES = {"cpu": CPU_PROFILE, "gpu": GPU_PROFILE}
+DEFAULT_SETTINGS = "0.5,2:4"
 
 BASELINES = ("wanda", "magnitude", "pruner-zero")
 
@@ -62,13 +75,17 @@ class SearchSettings:
     tournament: int = 3
     elite: int = 2
     hof_size: int = 10
-    init_min_depth: int = 1
+    init_min_depth: int = 2
     init_max_depth: int = 3
     max_depth: int = 6
     max_size: int = 24
     seed_formulas: tuple[str, ...] = ()
     multi_fidelity: bool = True
     confirm: int = 3
+    promote: int = 1
+    tune: int = 1
+    final_top: int = 2
+    final_windows: int = 16
     evaluator: EvaluatorSettings = EvaluatorSettings()
 
     def as_dict(self) -> dict:
@@ -121,11 +138,28 @@ def check_search(settings: SearchSettings) -> None:
     )
     _check(s.max_size >= 3, f"--max-size must be >= 3, got {s.max_size}")
     _check(s.confirm >= 1, f"--confirm must be >= 1, got {s.confirm}")
+    _check(s.promote >= 1, f"--promote must be >= 1, got {s.promote}")
+    _check(s.tune >= 0, f"--tune must be >= 0 (0: no constant tuning), got {s.tune}")
+    _check(s.final_top >= 0, f"--final-top must be >= 0 (0 skips the final check), got {s.final_top}")
+    _check(s.final_windows >= 1, f"--final-windows must be >= 1, got {s.final_windows}")
     e = s.evaluator
+    _check(bool(e.patterns), "--settings is empty; pass e.g. --settings 0.5,2:4")
+    _check(
+        parse_settings(",".join(e.patterns)) == e.patterns,
+        f"--settings {','.join(e.patterns)} is not a list of distinct settings like 0.5,2:4",
+    )
     _check(e.nsamples >= 1, f"--nsamples must be >= 1, got {e.nsamples}")
     _check(e.calib_seqlen >= 8, f"--seqlen must be >= 8, got {e.calib_seqlen}")
     _check(e.fitness_windows >= 1, f"--fitness-windows must be >= 1, got {e.fitness_windows}")
+    _check(
+        e.top_windows >= e.fitness_windows,
+        f"--top-windows ({e.top_windows}) must be >= --fitness-windows ({e.fitness_windows})",
+    )
     _check(e.fitness_seqlen >= 8, f"--fitness-seqlen must be >= 8, got {e.fitness_seqlen}")
+    _check(
+        e.fitness_data != "wikitext2-test" and e.calib != "wikitext2-test",
+        "wikitext2-test is for reported numbers only; search on wikitext2-valid or c4 (--fitness-data, --calib)",
+    )
     _check(e.group in ("row", "matrix"), f"unknown --group {e.group!r}; use row or matrix")
 
 
@@ -151,6 +185,7 @@ def settings_from_dict(data: dict, origin: str) -> SearchSettings:
         if set(data) - search_fields - {"evaluator"}:
             raise ValueError("unknown fields")
         values["seed_formulas"] = tuple(str(t) for t in values.get("seed_formulas", ()))
+        evaluator = {**evaluator, "patterns": tuple(str(p) for p in evaluator.get("patterns", ()))}
         settings = SearchSettings(**values, evaluator=EvaluatorSettings(**evaluator))
         _check_types(settings)
     except (KeyError, TypeError, ValueError) as err:

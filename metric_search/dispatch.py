@@ -155,7 +155,7 @@ class EvaluatorPool:
                         pending.appendleft(index)  # retried first, on the next free actor
                     else:
                         detail = f"actor died twice: {_first_line(err)}"
-                        finish(index, _failure("error", jobs[index].fidelity, time.monotonic() - started, detail),
+                        finish(index, _failure("lost", jobs[index].fidelity, time.monotonic() - started, detail),
                                worker)  # fmt: skip
                     continue
                 self._idle.append(worker)

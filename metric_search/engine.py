@@ -17,15 +17,21 @@ from functools import partial
 
 from deap import gp
 
+from fitness.evaluator import comparison_group as specs_group
 from metric_search.config import SearchSettings
-from metric_search.selection import best_unique, rank_key, screening_key, tournament
+from metric_search.selection import best_unique, tournament
 from primitives.canonical import canonical_key
+from primitives.grammar import parse_formula
 from primitives.printer import format_formula
 from primitives.pset import deap_to_tree, make_pset, tree_to_deap
+from primitives.tree import terminal_names
+from pruning_core.errors import UsageError
 
 MUTATIONS = ("subtree", "point", "shrink")
 SUBTREE_MAX_DEPTH = 2  # depth of the random subtree a subtree mutation grafts in
 NOVELTY_RETRIES = 5  # extra subtree mutations of a child whose canonical form the population already has
+DRAWS_PER_MEMBER = 200  # generation 0 gives up (one clear error) after this many draws per missing member
+WEIGHT_TERMINALS = frozenset({"W", "U"})  # a metric must read the weight it ranks
 
 
 @dataclass
@@ -36,8 +42,13 @@ class Individual:
 
 
 def comparison_group(settings: SearchSettings) -> str:
-    """N:M groups are slices of rows, so the row canonical form covers them."""
-    return "row" if settings.evaluator.m else settings.evaluator.group
+    """The canonical forms' group: one under which rank-equivalence holds for every setting."""
+    return specs_group(settings.evaluator.specs)
+
+
+def reads_weight(canonical: str) -> bool:
+    """The canonical form still reads W (or U): not a constant, and not blind to the weight it ranks."""
+    return bool(terminal_names(parse_formula(canonical)) & WEIGHT_TERMINALS)
 
 
 class Engine:
@@ -79,30 +90,48 @@ class Engine:
     # --- generations --------------------------------------------------------------------------
 
     def initial_population(self) -> list[Individual]:
-        """Seed formulas first, then ramped half-and-half trees within the depth and size limits."""
+        """Seed formulas first, then ramped half-and-half trees within the depth and size limits, each
+        reading the weight, none a canonical duplicate of another; drawing stops with one clear error
+        if the limits cannot give that many distinct formulas."""
         s = self.settings
-        population: list = list(self.seeds[: s.population])
+        population: list[Individual] = []
+        seen: set[str] = set()
+        for seed in self.seeds[: s.population]:
+            if seed.canonical not in seen:
+                population.append(seed)
+                seen.add(seed.canonical)
         # DEAP depths count from 0 at the root; the settings count the root as depth 1.
         grow = partial(gp.genHalfAndHalf, self.pset, s.init_min_depth - 1, s.init_max_depth - 1)
+        budget = DRAWS_PER_MEMBER * (s.population - len(population))
         with self._deap_random():
-            while len(population) < s.population:
+            while len(population) < s.population and budget > 0:
+                budget -= 1
                 tree = gp.PrimitiveTree(grow())
-                if self.within_limits(tree):
-                    population.append(tree)
-        return [p if isinstance(p, Individual) else self.individual(p) for p in population]
+                if not self.within_limits(tree):
+                    continue
+                member = self.individual(tree)
+                if member.canonical not in seen and reads_weight(member.canonical):
+                    population.append(member)
+                    seen.add(member.canonical)
+        if len(population) < s.population:
+            raise UsageError(
+                f"found only {len(population)} distinct formulas reading W for --population {s.population} "
+                f"within --init-depth {s.init_min_depth}:{s.init_max_depth} and --max-size {s.max_size}; "
+                "lower --population or allow deeper or larger trees"
+            )
+        return population
 
     def next_generation(self, population: list[Individual], candidates: dict) -> tuple[list, list]:
         """(elites carried over unchanged, offspring made by selection and variation).
 
-        Elites are the best by perplexity; tournaments compare the screening fitness (the proxy under
-        multi-fidelity). A child that repeats a formula of the population is mutated again (a few
-        times at most), so duplicates do not crowd the population out."""
+        Elites and tournament winners are compared at the highest rung both reached. A child that
+        repeats a formula of the population, or does not read the weight, is mutated again (a few
+        times at most), so duplicates and constants do not crowd the population out."""
         s = self.settings
         keys = [ind.canonical for ind in population]
         elite_keys = best_unique(keys, candidates, s.elite)
         elites = [population[keys.index(k)] for k in elite_keys]
-        order = screening_key if s.multi_fidelity else rank_key
-        winners = tournament(self.rng, keys, candidates, s.population - len(elites), s.tournament, order)
+        winners = tournament(self.rng, keys, candidates, s.population - len(elites), s.tournament)
         children = self._vary([population[i].tree for i in winners])
         return elites, self._novel(children, set(keys))
 
@@ -111,7 +140,7 @@ class Engine:
         for tree in children:
             child = self.individual(tree)
             for _ in range(NOVELTY_RETRIES):
-                if child.canonical not in seen:
+                if child.canonical not in seen and reads_weight(child.canonical):
                     break
                 with self._deap_random():
                     mutant = self._mutate(gp.PrimitiveTree(child.tree), "subtree")  # the most disruptive

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from metric_search.engine import comparison_group
 from metric_search.results import load_run
 from metric_search.rundir import atomic_write_text
 from primitives.scorer import FormulaScorer
@@ -25,8 +26,8 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
     evaluator = run.settings.evaluator
     entry = run.state.candidates[key]
     formula = entry["formula"]
-    group = "row" if evaluator.m else evaluator.group
-    pattern = f"{evaluator.n}:{evaluator.m}" if evaluator.m else f"{evaluator.sparsity:g}"
+    group = comparison_group(run.settings)
+    pattern = ",".join(evaluator.patterns)
     return {
         "format": PLUGIN_FORMAT,
         "version": PLUGIN_VERSION,
@@ -41,9 +42,10 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
             "seed": run.settings.seed,
             "model": evaluator.model,
             "pattern": pattern,
-            "fitness": entry["ppl"]["fitness"],
-            "fitness_kind": f"perplexity on {evaluator.fitness_windows} x {evaluator.fitness_seqlen} tokens of "
-            f"{evaluator.fitness_data}",
+            "fitness": (entry.get("top") or entry["ppl"])["fitness"],
+            "fitness_kind": f"geometric mean over {pattern} of the perplexity on "
+            f"{evaluator.top_windows if entry.get('top') else evaluator.fitness_windows} x "
+            f"{evaluator.fitness_seqlen} tokens of {evaluator.fitness_data}",
             "proxy": entry["proxy"]["fitness"] if entry.get("proxy") else None,
             "generation": entry.get("generation"),
         },

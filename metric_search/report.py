@@ -13,7 +13,11 @@ from metric_search.results import baseline_entries, hall_of_fame_entries
 from primitives import parse_formula
 from primitives.tree import size
 
-FIDELITY_LABELS = {"proxy": "proxy (layer reconstruction error)", "ppl": "perplexity (fitness data)"}
+FIDELITY_LABELS = {
+    "proxy": "proxy (layer reconstruction error)",
+    "ppl": "perplexity (base windows)",
+    "top": "perplexity (top-rung windows)",
+}
 
 
 def _number(value) -> float | None:
@@ -41,7 +45,9 @@ def plot_fitness(state: SearchState, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fidelities = [f for f in ("ppl", "proxy") if any(_number(h.get(f"best_{f}")) for h in state.history)]
+    fidelities = [
+        f for f in ("top", "ppl", "proxy") if any(_number(h.get(f"best_{f}")) for h in state.history)
+    ]
     fidelities = fidelities or ["ppl"]
     from matplotlib.ticker import MaxNLocator
 
@@ -80,8 +86,8 @@ def plot_pareto(state: SearchState, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
-    for ax, fidelity in zip(axes[0], ("ppl", "proxy")):
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4), squeeze=False)
+    for ax, fidelity in zip(axes[0], ("top", "ppl", "proxy")):
         points = [
             (entry["size"], entry[fidelity]["fitness"])
             for entry in state.candidates.values()
@@ -110,97 +116,150 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_report(config: dict, state: SearchState) -> str:
-    settings, evaluator = config["settings"], config["settings"]["evaluator"]
-    pattern = (
-        f"{evaluator['n']}:{evaluator['m']}" if evaluator["m"] else f"{evaluator['sparsity']:g} unstructured"
+def _ratio(value, reference) -> str:
+    value, reference = _number(value), _number(reference)
+    return "-" if value is None or not reference else f"{value / reference:.3f}"
+
+
+def _describe(config: dict) -> str:
+    settings, e = config["settings"], config["settings"]["evaluator"]
+    ladder = (
+        f"the proxy (layer reconstruction error) screens every new formula, the best {settings['confirm']} per "
+        f"generation get perplexity on {e['fitness_windows']} windows, the best {settings['promote']} of those "
+        f"climb to {e['top_windows']} windows"
+        if settings["multi_fidelity"]
+        else f"every new formula gets perplexity on {e['fitness_windows']} windows, the best "
+        f"{settings['promote']} climb to {e['top_windows']} windows"
     )
+    return (
+        f"Model `{e['model']}`, settings {', '.join(e['patterns'])} (group `{e['group']}`), seed "
+        f"{settings['seed']}, population {settings['population']}. Fitness: the geometric mean over the settings "
+        f"of the perplexity on {e['fitness_seqlen']}-token windows of `{e['fitness_data']}` after one-shot pruning "
+        f"with statistics from {e['nsamples']} x {e['calib_seqlen']} tokens of `{e['calib']}`; {ladder}. "
+        "Formulas compare at the highest rung both reached; the hall of fame ranks the top rung first."
+    )
+
+
+def _final_section(final: dict | None) -> list[str]:
+    if not final:
+        return ["## Final check", "", "Not run yet (it runs after the last generation).", ""]
+    rows = [
+        [
+            f"`{r['formula']}`",
+            *[_fmt(r["ppl"].get(label), 5) for label in final["settings"]],
+            f"{r['ratio']:.4f}",
+            f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
+            r["verdict"],
+        ]
+        for r in final["rows"]
+    ]
+    header = [
+        "formula",
+        *[f"ppl {label}" for label in final["settings"]],
+        "ratio to Wanda",
+        "95% CI",
+        "verdict",
+    ]
+    lines = [
+        "## Final check",
+        "",
+        f"The hall of fame's best {len(final['rows'])} pruned by the sequential driver (the protocol a user prunes "
+        f"with), {final['nsamples']} x {final['seqlen']} calibration tokens of `{final['calib']}`, perplexity on "
+        f"{final['windows']} windows of `{final['data']}` that the fitness never read (windows "
+        f"{final['first_window']}-{final['first_window'] + final['windows'] - 1}). Wanda: "
+        + ", ".join(f"{label} {final['wanda'][label]:.5g}" for label in final["settings"])
+        + ". Ratio: exp of the mean over settings of log(ppl / Wanda's ppl); the interval is a paired bootstrap "
+        f"over windows ({final['resamples']} resamples). A formula is better than Wanda only when the whole "
+        "interval is below 1.",
+        "",
+        _table(header, rows),
+        "",
+        f"Chosen: `{final['chosen']['formula']}` ({final['chosen']['verdict']}).",
+        "",
+    ]
+    return lines
+
+
+def render_report(config: dict, state: SearchState) -> str:
+    settings = config["settings"]
     hall = hall_of_fame_entries(state)
     baselines = baseline_entries(state)
+    wanda = baselines.get("wanda", {})
+    rungs = ("proxy", "ppl", "top")
     lines = [
         f"# Metric search run `{config['run_id']}`",
         "",
-        f"Model `{evaluator['model']}`, sparsity {pattern} (group `{evaluator['group']}`), seed {settings['seed']}, "
-        f"{state.generation + 1} of {settings['generations']} generations, population {settings['population']}. "
-        f"Fitness: perplexity on {evaluator['fitness_windows']} windows of {evaluator['fitness_seqlen']} tokens "
-        f"of `{evaluator['fitness_data']}` after one-shot pruning with statistics from {evaluator['nsamples']} x "
-        f"{evaluator['calib_seqlen']} tokens of `{evaluator['calib']}`"
-        + (
-            f"; the proxy screens candidates and {settings['confirm']} per generation are confirmed by perplexity."
-            if settings["multi_fidelity"]
-            else "; every candidate is measured by perplexity."
-        ),
+        f"{state.generation + 1} of {settings['generations']} generations. " + _describe(config),
         "",
         "## Best formulas",
         "",
         _table(
-            ["rank", "formula", "ppl (fitness data)", "proxy", "size", "generation"],
+            ["rank", "formula", "top", "ppl", "proxy", "top / Wanda", "ppl / Wanda", "size", "generation"],
             [
                 [
                     str(e["rank"]),
                     f"`{e['formula']}`",
-                    _fmt(e["ppl"]),
-                    _fmt(e["proxy"]),
+                    *[_fmt(e[f]) for f in reversed(rungs)],
+                    _ratio(e["top"], wanda.get("top")),
+                    _ratio(e["ppl"], wanda.get("ppl")),
                     str(e["size"]),
                     str(e["generation"]),
-                ]
+                ]  # fmt: skip
                 for e in hall
             ],
         )
         if hall
-        else "No candidate was confirmed by perplexity yet.",
+        else "No formula was measured by perplexity yet.",
+        "",
+        "Ratios to Wanda on the search's own fitness windows are biased toward noise (the best of many "
+        "measurements); the final check below is the honest comparison.",
         "",
         "## Baselines on the same fitness data",
         "",
         _table(
-            ["metric", "formula", "ppl (fitness data)", "proxy"],
+            ["metric", "formula", "top", "ppl", "proxy"],
             [
-                [name, f"`{e['formula']}`", _fmt(e.get("ppl")), _fmt(e.get("proxy"))]
+                [name, f"`{e['formula']}`", *[_fmt(e.get(f)) for f in reversed(rungs)]]
                 for name, e in baselines.items()
             ],
         ),
         "",
+        *_final_section(state.final),
     ]
-    wanda = _number(baselines.get("wanda", {}).get("ppl"))
-    if hall and wanda and _number(hall[0]["ppl"]):
-        change = 100.0 * (hall[0]["ppl"] - wanda) / wanda
-        verdict = "better than" if change < 0 else "not better than"
-        lines += [
-            f"The best formula is {verdict} Wanda on the fitness data: ppl {hall[0]['ppl']:.4g} vs "
-            f"{wanda:.4g} ({change:+.2f}%). Validate on WikiText-2 test with "
-            f"`python -m metric_search validate <run dir>`.",
-            "",
-        ]
-    invalid_totals = {
-        r: sum(h.get("invalid", {}).get(r, 0) for h in state.history)
-        for r in ("nonfinite", "constant", "error", "timeout")
-    }
+    invalid_totals = {}
+    for h in state.history:
+        for reason, count in h.get("invalid", {}).items():
+            invalid_totals[reason] = invalid_totals.get(reason, 0) + count
     lines += [
         "## Generations",
         "",
         _table(
             [
                 "gen",
+                "best top",
                 "best ppl",
                 "median ppl",
                 "best proxy",
                 "median proxy",
                 "unique",
                 "memo hits",
-                "evaluated proxy/ppl",
+                "evaluated proxy/ppl/top",
+                "per minute proxy/ppl/top",
                 "invalid",
                 "seconds",
-            ],
+            ],  # fmt: skip
             [
                 [
                     str(h.get("generation")),
+                    _fmt(h.get("best_top")),
                     _fmt(h.get("best_ppl")),
                     _fmt(h.get("median_ppl")),
                     _fmt(h.get("best_proxy")),
                     _fmt(h.get("median_proxy")),
                     str(h.get("unique")),
                     str(h.get("memo_hits")),
-                    f"{h.get('evaluated', {}).get('proxy', 0)}/{h.get('evaluated', {}).get('ppl', 0)}",
+                    "/".join(str(h.get("evaluated", {}).get(f, 0)) for f in rungs),
+                    "/".join(_fmt(h.get("per_minute", {}).get(f), 3) for f in rungs),
                     str(sum(h.get("invalid", {}).values())),
                     _fmt(h.get("seconds"), 3),
                 ]
@@ -209,7 +268,7 @@ def render_report(config: dict, state: SearchState) -> str:
         ),
         "",
         "Invalid candidates by reason (whole run): "
-        + ", ".join(f"{reason} {count}" for reason, count in invalid_totals.items())
+        + (", ".join(f"{reason} {count}" for reason, count in invalid_totals.items()) or "none")
         + ".",
         "",
         f"![fitness per generation]({rundir.FITNESS_PLOT})",

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fitness.evaluator import FIDELITIES
 from metric_search import rundir
 from metric_search.checkpoint import SearchState, encode_result, load_checkpoint
-from metric_search.config import SearchSettings, settings_from_dict
+from metric_search.config import CONFIG_VERSION, SearchSettings, settings_from_dict
 from primitives import parse_formula
 from pruning_core.errors import UsageError
 
@@ -30,6 +31,10 @@ def load_run(path, flag: str = "RUN_DIR") -> Run:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict) or not isinstance(config.get("run_id"), str):
             raise ValueError("no run_id")
+        if config.get("version") != CONFIG_VERSION:
+            raise ValueError(
+                f"config version {config.get('version')!r}, this metric_search reads {CONFIG_VERSION}"
+            )
         settings_data = config["settings"]
         if not isinstance(settings_data, dict):
             raise ValueError("settings is not an object")
@@ -46,14 +51,16 @@ def hall_of_fame_entries(state: SearchState) -> list[dict]:
     entries = []
     for rank, key in enumerate(state.hall_of_fame, start=1):
         entry = state.candidates[key]
+        reached = [f for f in FIDELITIES if entry.get(f)]
         entries.append(
             {
                 "rank": rank,
                 "formula": entry["formula"],
                 "size": entry.get("size"),
                 "generation": entry.get("generation"),
-                "ppl": entry["ppl"]["fitness"] if entry.get("ppl") else None,
-                "proxy": entry["proxy"]["fitness"] if entry.get("proxy") else None,
+                **{f: entry[f]["fitness"] if entry.get(f) else None for f in FIDELITIES},
+                "rung": reached[-1] if reached else None,
+                "values": entry[reached[-1]].get("values") if reached else None,
             }
         )
     return entries
@@ -65,8 +72,9 @@ def baseline_entries(state: SearchState) -> dict:
         name: {
             "formula": entry["formula"],
             "canonical": entry["canonical"],
-            **{f: encode_result(entry.get(f))["fitness"] if entry.get(f) else None for f in ("proxy", "ppl")},
-            **{f"{f}_reason": entry[f]["reason"] for f in ("proxy", "ppl") if entry.get(f)},
+            **{f: encode_result(entry.get(f))["fitness"] if entry.get(f) else None for f in FIDELITIES},
+            **{f"{f}_reason": entry[f]["reason"] for f in FIDELITIES if entry.get(f)},
+            **{f"{f}_values": entry[f].get("values") for f in FIDELITIES if entry.get(f)},
         }
         for name, entry in state.baselines.items()
     }
@@ -83,6 +91,7 @@ def write_progress_files(run_dir: Path, config: dict, state: SearchState) -> Non
             "generation": state.generation,
             "entries": hall_of_fame_entries(state),
             "baselines": baseline_entries(state),
+            "final": state.final,
         },
     )
     lines = "".join(json.dumps(h, sort_keys=True, allow_nan=False) + "\n" for h in state.history)

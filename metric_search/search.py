@@ -5,21 +5,34 @@ state; the memo on disk (candidates.jsonl) is a cache, so a resumed run takes th
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from fitness.evaluator import FIDELITIES, REASONS, TRANSIENT
 from fitness.memo import Memo
+from fitness.setup import resolved_numbers
 from metric_search import rundir
 from metric_search.checkpoint import SearchState, load_checkpoint, save_checkpoint
 from metric_search.config import BASELINES, CONFIG_VERSION, ExecutionSettings, SearchSettings
 from metric_search.dispatch import EvaluatorPool, Job
 from metric_search.engine import Engine, Individual
+from metric_search.report import write_report
 from metric_search.results import write_progress_files
-from metric_search.selection import needing, summarize, to_confirm, update_hall_of_fame
+from metric_search.selection import (
+    drop_transient,
+    needing,
+    ordered,
+    summarize,
+    to_promote,
+    update_hall_of_fame,
+    value,
+)
 from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
+from pruning_core.errors import UsageError
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
@@ -45,6 +58,7 @@ def start_run(settings: SearchSettings, run_dir: Path, run_id: str, execution: E
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": settings.as_dict(),
+        "numbers": resolved_numbers(settings.evaluator),
         "execution": {
             "workers": execution.workers,
             "threads": execution.threads,
@@ -57,11 +71,14 @@ def start_run(settings: SearchSettings, run_dir: Path, run_id: str, execution: E
 
 def _lite(result: dict) -> dict:
     """What the state keeps of a result (the memo keeps the detail)."""
-    return {
+    lite = {
         "fitness": float(result["fitness"]),
         "reason": result.get("reason"),
         "seconds": result.get("seconds", 0.0),
     }
+    if result.get("values"):
+        lite["values"] = dict(result["values"])
+    return lite
 
 
 class _Evaluations:
@@ -74,7 +91,7 @@ class _Evaluations:
         results, todo = {}, []
         for key in keys:
             cached = self.memo.get(key, fidelity)
-            if cached is not None:
+            if cached is not None and cached.get("reason") not in TRANSIENT:  # a machine failure: retry
                 results[key] = cached
                 tally["cache_hits"] += 1
             else:
@@ -91,10 +108,12 @@ class _Evaluations:
                         "result", label=label, fidelity=fidelity, result=result, pool=pool, where=where
                     )
 
+            began = time.monotonic()
             try:
                 fresh = self.pool.run([Job(key, fidelity) for key in todo], on_result=done)
             finally:
                 bar.close()
+            tally[f"seconds_{fidelity}"] += time.monotonic() - began  # wall time: throughput of the pool
             for key, result in zip(todo, fresh):
                 results[key] = self.memo.get(key, fidelity)
                 tally[f"evaluated_{fidelity}"] += 1
@@ -111,6 +130,9 @@ class Search:
         self.engine = Engine(settings)
         self.config = json.loads((self.run_dir / rundir.CONFIG).read_text())
         self.state = load_checkpoint(self.run_dir, parse_formula)
+        # A timeout, an out-of-memory or a lost actor holds for the rest of a run's session; a resume
+        # (perhaps on a sounder machine) tries those formulas again when they are next needed.
+        self.retried = drop_transient(self.state.candidates)
         self.engine.rng.setstate(self.state.rng)
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -126,8 +148,7 @@ class Search:
                     "formula": ind.canonical,
                     "size": size(parse_formula(ind.canonical)),
                     "generation": generation,
-                    "proxy": known.get("proxy"),
-                    "ppl": known.get("ppl"),
+                    **{fidelity: known.get(fidelity) for fidelity in FIDELITIES},
                 }
 
     def _store(self, results: dict[str, dict], fidelity: str) -> None:
@@ -149,21 +170,75 @@ class Search:
             text = KNOWN_FORMULAS[name]
             self.state.baselines[name] = {"formula": text, "canonical": canonical_key(text, group)}
         keys = [entry["canonical"] for entry in self.state.baselines.values()]
-        for fidelity in ("proxy", "ppl"):
+        for fidelity in FIDELITIES:
             results = evaluations.fetch(list(dict.fromkeys(keys)), fidelity, tally, "baselines")
             for entry in self.state.baselines.values():
                 entry[fidelity] = _lite(results[entry["canonical"]])
         self._checkpoint()
 
     def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str) -> None:
+        """Up the ladder: the proxy for every new formula (unless single-fidelity), base perplexity for
+        the best ``confirm`` by proxy (every new one without the proxy), the top rung for the best
+        ``promote`` by base perplexity."""
         s, candidates = self.settings, self.state.candidates
         if s.multi_fidelity:
             self._store(evaluations.fetch(needing(keys, candidates, "proxy"), "proxy", tally, label), "proxy")
-            self._store(
-                evaluations.fetch(to_confirm(keys, candidates, s.confirm), "ppl", tally, label), "ppl"
-            )
+            base = to_promote(keys, candidates, "ppl", s.confirm)
         else:
-            self._store(evaluations.fetch(needing(keys, candidates, "ppl"), "ppl", tally, label), "ppl")
+            base = needing(keys, candidates, "ppl")
+        self._store(evaluations.fetch(base, "ppl", tally, label), "ppl")
+        self._store(
+            evaluations.fetch(to_promote(keys, candidates, "top", s.promote), "top", tally, label), "top"
+        )
+
+    def _tune(self, population: list[Individual], generation: int, evaluations, tally: Counter) -> list:
+        """Local tuning of the hall of fame's head, one constant at a time: up to ``tune`` variants not
+        seen before climb the ladder (base perplexity for all, the top rung for those that beat the
+        head there); a variant that beats the head at the top rung replaces the population's worst."""
+        from primitives.tuning import constant_neighbours
+
+        s, candidates = self.settings, self.state.candidates
+        if not s.tune or not self.state.hall_of_fame:
+            return population
+        head = self.state.hall_of_fame[0]
+        if value(candidates[head], "top") is None:
+            return population
+        variants = []
+        for text in constant_neighbours(head, self.engine.group):
+            try:
+                variant = self.engine.from_text(text)
+            except UsageError:
+                continue  # a constant the GP cannot hold
+            if variant.canonical not in candidates and variant.canonical not in {
+                v.canonical for v in variants
+            }:
+                variants.append(variant)
+            if len(variants) == s.tune:
+                break
+        if not variants:
+            return population
+        self._register(variants, generation)
+        keys = [v.canonical for v in variants]
+        label = f"gen {generation} tuning"
+        for fidelity in ("proxy", "ppl") if s.multi_fidelity else ("ppl",):
+            self._store(
+                evaluations.fetch(needing(keys, candidates, fidelity), fidelity, tally, label), fidelity
+            )
+        head_ppl = value(candidates[head], "ppl")
+        climbing = [k for k in needing(keys, candidates, "top") if value(candidates[k], "ppl") < head_ppl]
+        self._store(evaluations.fetch(climbing, "top", tally, label), "top")
+        better = [
+            v
+            for v in variants
+            if (value(candidates[v.canonical], "top") or math.inf) < value(candidates[head], "top")
+        ]
+        tally["tuned"] += len(better)
+        if not better:
+            return population
+        rank = {k: i for i, k in enumerate(ordered([ind.canonical for ind in population], candidates))}
+        worst_first = sorted(range(len(population)), key=lambda i: (-rank[population[i].canonical], -i))
+        dropped = set(worst_first[: len(better)])
+        return [ind for i, ind in enumerate(population) if i not in dropped] + better
 
     def _generation(self, generation: int, population: list[Individual], evaluations) -> list[Individual]:
         started = time.monotonic()
@@ -181,10 +256,16 @@ class Search:
         self.state.hall_of_fame = update_hall_of_fame(
             self.state.hall_of_fame, keys, self.state.candidates, self.settings.hof_size
         )
+        population = self._tune(population, generation, evaluations, tally)
+        keys = [ind.canonical for ind in population]
+        self.state.hall_of_fame = update_hall_of_fame(
+            self.state.hall_of_fame, keys, self.state.candidates, self.settings.hof_size
+        )
         self.state.population = [(ind.formula, ind.canonical) for ind in population]
         self.state.generation = generation
         self.state.history.append(self._summary(generation, offspring_keys, known, keys, tally, started))
         self._checkpoint()
+        write_report(self.run_dir, self.config, self.state)
         if self.observer is not None:
             self.observer("generation", generation=generation, summary=self.state.history[-1])
         return population
@@ -201,15 +282,47 @@ class Search:
             "duplicates": len(offspring_keys) - unique,
             "memo_hits": len(known),
             "new": unique - len(known),
-            "evaluated": {f: tally[f"evaluated_{f}"] for f in ("proxy", "ppl")},
+            "evaluated": {f: tally[f"evaluated_{f}"] for f in FIDELITIES},
             "cache_hits": tally["cache_hits"],
-            "invalid": {r: tally[f"invalid_{r}"] for r in ("nonfinite", "constant", "error", "timeout")},
+            "tuned": tally["tuned"],
+            "invalid": {r: tally[f"invalid_{r}"] for r in REASONS},
             **summarize(keys, self.state.candidates),
             "hall_of_fame_best": self.state.hall_of_fame[0] if self.state.hall_of_fame else None,
+            "per_minute": {
+                f: round(60.0 * tally[f"evaluated_{f}"] / tally[f"seconds_{f}"], 3)
+                for f in FIDELITIES
+                if tally[f"seconds_{f}"] > 0
+            },
             "seconds": round(time.monotonic() - started, 3),
         }
 
+    def _best_line(self) -> str:
+        """The progress bar's note: the hall of fame's head and its ratio to Wanda at the same rung."""
+        if not self.state.hall_of_fame:
+            return "no formula measured yet"
+        key = self.state.hall_of_fame[0]
+        entry = self.state.candidates[key]
+        rung = next(f for f in reversed(FIDELITIES) if value(entry, f) is not None)
+        wanda = value(self.state.baselines.get("wanda", {}), rung)
+        ratio = f" {value(entry, rung) / wanda:.3f}x wanda" if wanda else ""
+        return f"best {key[:60]} ({rung}{ratio})"
+
     def run(self) -> SearchState:
+        """The generations (unless done), then the final check (unless done); resumable at any point."""
+        s = self.settings
+        if self.state.generation + 1 < s.generations or not self.state.baselines:
+            self._evolve()
+        if s.final_top and self.state.final is None and self.state.hall_of_fame:
+            from metric_search.final import final_check
+
+            self.state.final = final_check(
+                s, self.state.hall_of_fame, self.engine.group, self.execution.progress
+            )
+            self._checkpoint()
+            write_report(self.run_dir, self.config, self.state)
+        return self.state
+
+    def _evolve(self) -> None:
         from metric_search import cluster
 
         s, x = self.settings, self.execution
@@ -217,8 +330,6 @@ class Search:
         rundir.drop_torn_tail(self.run_dir / rundir.CANDIDATES)
         memo = Memo(self.run_dir / rundir.CANDIDATES)
         population = [self.engine.from_text(formula) for formula, _ in self.state.population]
-        if self.state.generation + 1 >= s.generations and self.state.baselines:
-            return self.state  # finished already; the caller only rewrites the report
         started_ray = cluster.connect(x.address, x.workers * x.threads, x.use_gpu)
         try:
             pool = EvaluatorPool(s.evaluator.as_dict(), x.workers, x.threads, x.use_gpu, x.hard_timeout)
@@ -230,8 +341,7 @@ class Search:
                 for generation in range(self.state.generation + 1, s.generations):
                     population = self._generation(generation, population, evaluations)
                     bar.update(1)
-                    summary = self.state.history[-1]
-                    bar.set_postfix(best_ppl=summary["best_ppl"], new=summary["new"])
+                    bar.set_postfix_str(self._best_line(), refresh=True)
                 bar.close()
                 self.actors_replaced = pool.replaced
             finally:
@@ -241,4 +351,3 @@ class Search:
                 import ray
 
                 ray.shutdown()
-        return self.state

@@ -1,50 +1,67 @@
-"""Multi-fidelity ranking: the cheap proxy screens every new candidate, perplexity confirms the most
-promising few; a confirmed candidate always ranks above one known only by its proxy.
+"""The fidelity ladder's decisions: which formulas climb a rung, and how two formulas compare.
 
-Every ordering here is total (fitness, then formula size, then the canonical text), so selection
-never depends on dict order, completion order of remote tasks, or anything outside the state.
+Two formulas compare at the highest rung both reached (so a cheap proxy never outranks a perplexity
+and two perplexities on the same windows are compared as they are); the hall of fame ranks by the
+highest rung reached first, so its head is always measured on the most windows.
+
+Every ordering ends in (formula size, canonical text), so selection never depends on dict order,
+completion order of remote tasks, or anything outside the state.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
 
-CONFIRMED, SCREENED, INVALID = 0, 1, 2
+from fitness.evaluator import FIDELITIES, TRANSIENT
+
+TOP_ELIGIBLE_RANK = 5  # a formula climbs to the top rung only if its base perplexity is among the best 5
 
 
-def _value(entry: dict, fidelity: str) -> float | None:
+def value(entry: dict, fidelity: str) -> float | None:
     result = entry.get(fidelity)
     return None if result is None else result["fitness"]
 
 
 def is_invalid(entry: dict) -> bool:
-    return any(_value(entry, f) == math.inf for f in ("proxy", "ppl"))
+    return any(value(entry, f) == math.inf for f in FIDELITIES)
+
+
+def highest_rung(entry: dict) -> int:
+    """Index in FIDELITIES of the highest rung with a finite result; -1 for none (or invalid)."""
+    if is_invalid(entry):
+        return -1
+    reached = [i for i, f in enumerate(FIDELITIES) if value(entry, f) is not None]
+    return max(reached, default=-1)
+
+
+def _tie_break(key: str, entry: dict) -> tuple:
+    return entry.get("size", 0), key
+
+
+def compare(a: tuple[str, dict], b: tuple[str, dict]) -> int:
+    """-1 when ``a`` is better, 1 when ``b`` is, at the highest rung both reached; 0 only for a == b."""
+    (ka, ea), (kb, eb) = a, b
+    ra, rb = highest_rung(ea), highest_rung(eb)
+    if ra < 0 or rb < 0:
+        if ra != rb:
+            return -1 if rb < 0 else 1
+    else:
+        shared = FIDELITIES[min(ra, rb)]
+        va, vb = value(ea, shared), value(eb, shared)
+        if va != vb:
+            return -1 if va < vb else 1
+    ta, tb = _tie_break(ka, ea), _tie_break(kb, eb)
+    return (ta > tb) - (ta < tb)
 
 
 def rank_key(key: str, entry: dict) -> tuple:
-    """Lower is better: (tier, fitness of that tier, size, canonical text)."""
-    ppl, proxy = _value(entry, "ppl"), _value(entry, "proxy")
-    if is_invalid(entry):
-        tier, value = INVALID, math.inf
-    elif ppl is not None:
-        tier, value = CONFIRMED, ppl
-    elif proxy is not None:
-        tier, value = SCREENED, proxy
-    else:
-        tier, value = INVALID, math.inf  # not evaluated yet: never preferred
-    return tier, value, entry.get("size", 0), key
-
-
-def screening_key(key: str, entry: dict) -> tuple:
-    """Tournament order under multi-fidelity: every candidate has a proxy, so all compete on it (a
-    perplexity-confirmed one would otherwise win every tournament it enters and take the population
-    over); failed or unmeasured candidates last."""
-    proxy = _value(entry, "proxy")
-    if is_invalid(entry) or proxy is None:
-        return INVALID, math.inf, entry.get("size", 0), key
-    return SCREENED, proxy, entry.get("size", 0), key
+    """Hall-of-fame order, lower is better: (highest rung reached, descending; its value; size; key)."""
+    rung = highest_rung(entry)
+    fitness = math.inf if rung < 0 else value(entry, FIDELITIES[rung])
+    return -rung, fitness, *_tie_break(key, entry)
 
 
 def unique_in_order(keys) -> list[str]:
@@ -60,39 +77,71 @@ def needing(keys, candidates: dict, fidelity: str) -> list[str]:
     ]
 
 
-def to_confirm(keys, candidates: dict, count: int) -> list[str]:
-    """Successive-halving step: the ``count`` best screened candidates that perplexity has not seen."""
-    screened = [k for k in needing(keys, candidates, "ppl") if candidates[k].get("proxy") is not None]
-    screened.sort(key=lambda k: (candidates[k]["proxy"]["fitness"], candidates[k].get("size", 0), k))
-    return screened[:count]
+def to_promote(keys, candidates: dict, fidelity: str, count: int) -> list[str]:
+    """Successive halving: the ``count`` best at the rung below ``fidelity`` that lack ``fidelity``.
+    The top rung takes only formulas whose base perplexity is among the best TOP_ELIGIBLE_RANK of
+    everything measured so far (a top measurement is for contenders, not for the best of a weak lot)."""
+    below = FIDELITIES[FIDELITIES.index(fidelity) - 1]
+    ready = [k for k in needing(keys, candidates, fidelity) if value(candidates[k], below) is not None]
+    ready.sort(key=lambda k: (value(candidates[k], below), *_tie_break(k, candidates[k])))
+    if fidelity == FIDELITIES[-1]:
+        measured = sorted(
+            value(e, below) for e in candidates.values() if not is_invalid(e) and value(e, below) is not None
+        )
+        bar = measured[min(TOP_ELIGIBLE_RANK, len(measured)) - 1] if measured else math.inf
+        ready = [k for k in ready if value(candidates[k], below) <= bar]
+    return ready[:count]
 
 
-def best_unique(keys, candidates: dict, count: int, tier_limit: int = INVALID) -> list[str]:
-    """The ``count`` best distinct keys whose tier is below ``tier_limit``, best first."""
-    ranked = sorted(rank_key(k, candidates[k]) for k in unique_in_order(keys))
-    return [r[3] for r in ranked if r[0] < tier_limit][:count]
+def ordered(keys, candidates: dict) -> list[str]:
+    """Distinct keys, best first, compared pairwise at the highest rung both reached."""
+    cmp = functools.cmp_to_key(lambda a, b: compare((a, candidates[a]), (b, candidates[b])))
+    return sorted(unique_in_order(keys), key=cmp)
+
+
+def best_unique(keys, candidates: dict, count: int) -> list[str]:
+    """The ``count`` best distinct valid keys (pairwise comparison), best first."""
+    return [k for k in ordered(keys, candidates) if highest_rung(candidates[k]) >= 0][:count]
 
 
 def update_hall_of_fame(hall: list[str], keys, candidates: dict, size: int) -> list[str]:
-    """Unique canonical forms confirmed by perplexity, best first."""
-    return best_unique([*hall, *keys], candidates, size, tier_limit=SCREENED)
+    """Unique formulas measured by perplexity, the highest rung first, best first within a rung."""
+    pool = [k for k in unique_in_order([*hall, *keys]) if highest_rung(candidates[k]) >= 1]
+    return sorted(pool, key=lambda k: rank_key(k, candidates[k]))[:size]
 
 
-def tournament(rng: random.Random, keys: list[str], candidates: dict, rounds: int, size: int,
-               order=rank_key) -> list[int]:  # fmt: skip
-    """Indices of ``rounds`` winners, each the best by ``order`` of ``size`` members drawn with replacement."""
+def tournament(rng: random.Random, keys: list[str], candidates: dict, rounds: int, size: int) -> list[int]:
+    """Indices of ``rounds`` winners, each the best of ``size`` members drawn with replacement, compared
+    pairwise at the highest rung both reached."""
     winners = []
     for _ in range(rounds):
         drawn = [rng.randrange(len(keys)) for _ in range(size)]
-        winners.append(min(drawn, key=lambda i: order(keys[i], candidates[keys[i]])))
+        best = drawn[0]
+        for index in drawn[1:]:
+            if compare((keys[index], candidates[keys[index]]), (keys[best], candidates[keys[best]])) < 0:
+                best = index
+        winners.append(best)
     return winners
 
 
+def drop_transient(candidates: dict) -> int:
+    """Forget failures of the machine (timeout, out of memory, a lost actor): the formula is tried
+    again when it is next needed. Returns how many results were dropped."""
+    dropped = 0
+    for entry in candidates.values():
+        for fidelity in FIDELITIES:
+            result = entry.get(fidelity)
+            if result is not None and result.get("reason") in TRANSIENT:
+                entry[fidelity] = None
+                dropped += 1
+    return dropped
+
+
 def summarize(keys, candidates: dict) -> dict:
-    """Best and median fitness of the population at each fidelity (finite values only)."""
+    """Best and median fitness of the population at each rung (finite values only)."""
     summary = {}
-    for fidelity in ("proxy", "ppl"):
-        values = [_value(candidates[k], fidelity) for k in keys]
+    for fidelity in FIDELITIES:
+        values = [value(candidates[k], fidelity) for k in keys]
         finite = [v for v in values if v is not None and math.isfinite(v)]
         summary[f"best_{fidelity}"] = min(finite) if finite else None
         summary[f"median_{fidelity}"] = statistics.median(finite) if finite else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metric_search import rundir
+from metric_search.engine import comparison_group
 from metric_search.results import load_run
 from pruning_core.errors import UsageError
 from pruning_core.masks import parse_pattern
@@ -33,28 +34,25 @@ class Row:
     group: str | None = None  # None: the scorer's own default
 
 
-def parse_patterns(
-    text: str, run_pattern: tuple[float, int, int]
-) -> list[tuple[str, tuple[float, int, int]]]:
-    """'run,2:4,0.6' -> [(label, (sparsity, n, m))], without repeats."""
+def _pattern_value(item: str) -> tuple[float, int, int]:
+    if ":" in item:
+        return parse_pattern(item, None)
+    try:
+        sparsity = float(item)
+    except ValueError as err:
+        raise UsageError(f"--patterns item {item!r} is not 'run', N:M or a sparsity like 0.6") from err
+    return parse_pattern(None, sparsity)
+
+
+def parse_patterns(text: str, run_patterns) -> list[tuple[str, tuple[float, int, int]]]:
+    """'run,2:4,0.6' -> [(label, (sparsity, n, m))], without repeats; 'run' is every setting of the run."""
     patterns: dict[tuple, str] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        if item == "run":
-            value = run_pattern
-        elif ":" in item:
-            value = parse_pattern(item, None)
-        else:
-            try:
-                sparsity = float(item)
-            except ValueError as err:
-                raise UsageError(
-                    f"--patterns item {item!r} is not 'run', N:M or a sparsity like 0.6"
-                ) from err
-            value = parse_pattern(None, sparsity)
-        label = f"{value[1]}:{value[2]}" if value[2] else f"{value[0]:.0%}"
-        patterns.setdefault(value, label)
+        for value in map(_pattern_value, run_patterns if item == "run" else [item]):
+            label = f"{value[1]}:{value[2]}" if value[2] else f"{value[0]:.0%}"
+            patterns.setdefault(value, label)
     if not patterns:
         raise UsageError("--patterns is empty; pass e.g. run,2:4,4:8,0.6")
     return [(label, value) for value, label in patterns.items()]
@@ -70,7 +68,7 @@ def plan_rows(run, top: int, baselines: str) -> list[Row]:
         raise UsageError(
             f"run {run.path} has {len(hall)} formulas in its hall of fame; pass --top {len(hall)} or less"
         )
-    group = "row" if run.settings.evaluator.m else run.settings.evaluator.group
+    group = comparison_group(run.settings)
     rows = [Row(f"#{rank} `{key}`", formula=key, group=group) for rank, key in enumerate(hall[:top], start=1)]
     for name in (n.strip() for n in baselines.split(",")):
         if name:
@@ -159,8 +157,7 @@ def validate_run(
     evaluator = run.settings.evaluator
     if nsamples < 1 or seqlen < 8 or (max_windows is not None and max_windows < 1):
         raise UsageError("--nsamples and --max-windows must be >= 1 and --seqlen >= 8")
-    run_pattern = (evaluator.sparsity, evaluator.n, evaluator.m)
-    plan = parse_patterns(patterns, run_pattern)
+    plan = parse_patterns(patterns, evaluator.patterns)
     rows = plan_rows(run, top, baselines)
     settings = {
         "nsamples": nsamples,
@@ -192,7 +189,7 @@ def validate_run(
     records = []
     for label, (sparsity, n, m) in plan:
         for row in rows:
-            group = row.group or _default_group(row.scorer)
+            group = "row" if m else (row.group or _default_group(row.scorer))
             result = validate_scorer(
                 evaluator.model,
                 SparsitySpec(sparsity, n, m, group),

@@ -8,7 +8,8 @@ text is ever evaluated; only names from the operator and terminal tables are acc
   primary := NUMBER | TERMINAL | OP '(' expr (',' expr)* ')' | '(' expr ')'
 
 Binary operators are left-associative; every operator of the table except pow may also be written as
-a call, e.g. ``add(W, X)``.
+a call, e.g. ``add(W, X)``. The GP's power primitives read as their powers (``pow1_3(W)`` is
+``W^0.3333333333333333``), so DEAP's own printing of a tree parses to the same formula.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from primitives.ops import OPS
+from primitives.ops import OPS, POWER_PRIMITIVES
 from primitives.terminals import TERMINALS
 from primitives.tree import Call, Const, Expr, Term, depth
 from pruning_core.errors import UsageError
@@ -176,15 +177,16 @@ class _Parser:
             args.append(self.expr())
         self.expect(")")
         self.nesting -= 1
-        if len(args) != OPS[name].arity:
-            raise _fail(
-                token.pos, f"{name} takes {OPS[name].arity} argument(s), got {len(args)}", "fix the call"
-            )
+        arity = 1 if name in POWER_PRIMITIVES else OPS[name].arity
+        if len(args) != arity:
+            raise _fail(token.pos, f"{name} takes {arity} argument(s), got {len(args)}", "fix the call")
+        if name in POWER_PRIMITIVES:
+            return Call("pow", (args[0], Const(float(POWER_PRIMITIVES[name]))))
         return Call(name, tuple(args))
 
 
 def _callable() -> list[str]:
-    return [name for name in OPS if name != "pow"]
+    return [name for name in OPS if name != "pow"] + list(POWER_PRIMITIVES)
 
 
 def _known_name(name: str, pos: int) -> str:

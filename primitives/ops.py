@@ -3,13 +3,15 @@
 Everything else (parser, printer, SymPy conversion, compiler, DEAP primitive set) reads this table.
 Semantics are the protected kernels of ``primitives.kernels``. ``div`` is elementwise
 (x / y with y's magnitude floored at EPS); Pruner-Zero's div instead divided by the scalar norm of y.
-``pow`` exists only in the text language as ``x^c`` with a numeric literal c and means |x|^c.
+``pow`` is written ``x^c`` with a numeric literal c and means |x|^c; the GP gets it as one unary
+primitive per exponent of POWER_EXPONENTS that no other operator computes (``pow1_3`` is |x|^(1/3)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy
 
@@ -91,3 +93,19 @@ INCREASING_HEADS: tuple[type, ...] = tuple(op.sympy_head for op in _OPS if op.in
 
 # Constants the GP may use; the text language accepts any finite numeric literal.
 CONSTANTS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0)
+
+# Exponents c of |x|^c the GP may use, exact (a pow literal holds float(c)).
+POWER_EXPONENTS: tuple[Fraction, ...] = tuple(map(Fraction, ("1/4", "1/3", "1/2", "2/3", "3/2", "2", "3")))
+# Exponents an operator of the table already computes: sqrt(x) = |x|^(1/2), sqr(x) = x^2 = |x|^2.
+EXPONENT_OPS: dict[Fraction, str] = {Fraction(1, 2): "sqrt", Fraction(2): "sqr"}
+
+
+def power_name(exponent: Fraction) -> str:
+    """Name of the GP primitive |x|^c: pow1_3 for 1/3, pow3 for 3 (a valid identifier, as DEAP needs)."""
+    if exponent.denominator == 1:
+        return f"pow{exponent.numerator}"
+    return f"pow{exponent.numerator}_{exponent.denominator}"
+
+
+# GP power primitives by name, in POWER_EXPONENTS order (a rebuilt primitive set is the same set).
+POWER_PRIMITIVES: dict[str, Fraction] = {power_name(c): c for c in POWER_EXPONENTS if c not in EXPONENT_OPS}

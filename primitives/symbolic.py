@@ -81,6 +81,17 @@ def _rational(value: float) -> sympy.Rational:
     return sympy.Rational(exact.numerator, exact.denominator)
 
 
+_EXPONENT_DENOMINATOR = 1000  # 1/3, 2/3, and ratios of them such as 7/18 from the rank step
+
+
+def _exponent(value: float) -> sympy.Rational:
+    """A pow literal as SymPy's exponent: the short fraction whose nearest float it is (0.333... is 1/3,
+    so that (x^(1/3))^3 is x), else the float's exact value."""
+    short = Fraction(value).limit_denominator(_EXPONENT_DENOMINATOR)
+    exact = short if float(short) == value else Fraction(value)
+    return sympy.Rational(exact.numerator, exact.denominator)
+
+
 _SINGULAR = (S.NaN, S.ComplexInfinity, S.Infinity, S.NegativeInfinity, S.ImaginaryUnit)
 OPAQUE_PREFIX = "opaque:"
 
@@ -99,7 +110,7 @@ def to_sympy(expr: Expr, opaque: dict[str, Expr], memo: dict | None = None) -> s
     elif isinstance(expr, Const):
         result = _rational(expr.value)
     elif expr.op == "pow":
-        result = OPS["pow"].to_sympy(to_sympy(expr.args[0], opaque, memo), _rational(expr.args[1].value))
+        result = OPS["pow"].to_sympy(to_sympy(expr.args[0], opaque, memo), _exponent(expr.args[1].value))
     else:
         result = OPS[expr.op].to_sympy(*(to_sympy(a, opaque, memo) for a in expr.args))
     if result.has(*_SINGULAR):

@@ -146,10 +146,12 @@ class _Normalization(_FiniteReal):
         if isinstance(x, cls.family):
             return cls(x.args[0])
         if cls.per_column and x != 1 and {s.name for s in x.free_symbols} <= COLUMN_SYMBOLS:
-            # a column normalization of a non-negative per-column value is 1 / rows everywhere
-            if x.is_extended_nonnegative:
+            # A per-column value v normalizes to sign(v) / rows (sqrt(rows) for coll2) per column, and
+            # an all-zero column stays 0: only a value that is nonzero everywhere folds to a constant
+            # (mms(H) is >= 0 but exactly 0 in one column).
+            if x.is_extended_positive:
                 return cls(S.One)
-            if x.is_extended_nonpositive:
+            if x.is_extended_negative:
                 return -cls(S.One)
         rest, sign = _drop_scalar_factors(x)
         if rest != x:

@@ -34,6 +34,11 @@ def const(value: float) -> Expr:
     return Call("neg", (Const(-value),)) if value < 0 else Const(value)
 
 
+def operands(node: Call) -> tuple:
+    """A pow's exponent literal is part of the operator, as in the GP's one-node pow1_3(x)."""
+    return node.args[:1] if node.op == "pow" else node.args
+
+
 def _nodes_with_depth(expr: Expr):
     """Every node with its depth (root = 1), iteratively so that deep trees cannot exhaust the stack."""
     stack = [(expr, 1)]
@@ -41,7 +46,7 @@ def _nodes_with_depth(expr: Expr):
         node, level = stack.pop()
         yield node, level
         if isinstance(node, Call):
-            stack.extend((a, level + 1) for a in node.args)
+            stack.extend((a, level + 1) for a in operands(node))
 
 
 def size(expr: Expr) -> int:

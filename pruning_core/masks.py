@@ -63,3 +63,33 @@ def parse_pattern(text: str | None, sparsity: float | None) -> tuple[float, int,
     if not 0 < n < m:
         raise UsageError(f"--pattern {text!r} needs 0 < N < M (e.g. 2:4 or 4:8)")
     return n / m, n, m
+
+
+def parse_settings(text: str) -> tuple[str, ...]:
+    """``--settings 0.5,2:4`` -> normalized labels ('0.5', '2:4'), without repeats; each is checked."""
+    labels: dict[str, None] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            _, n, m = parse_pattern(item, None)
+            labels[f"{n}:{m}"] = None
+            continue
+        try:
+            sparsity = float(item)
+        except ValueError as err:
+            raise UsageError(
+                f"--settings item {item!r} is neither a sparsity like 0.5 nor N:M like 2:4"
+            ) from err
+        labels[f"{parse_pattern(None, sparsity)[0]:g}"] = None
+    if not labels:
+        raise UsageError("--settings is empty; pass e.g. --settings 0.5,2:4")
+    return tuple(labels)
+
+
+def setting_spec(label: str, group: str = "row") -> SparsitySpec:
+    """A normalized setting label ('0.5' or '2:4') as a spec; N:M always ranks within rows."""
+    if ":" in label:
+        sparsity, n, m = parse_pattern(label, None)
+        return SparsitySpec(sparsity, n, m, "row")
+    return SparsitySpec(float(label), group=group)

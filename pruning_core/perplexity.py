@@ -54,18 +54,24 @@ def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
-    """Perplexity of ``model`` over ``windows`` (n, seqlen); returns ppl, nll, tokens, windows, seconds."""
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> torch.Tensor:
+    """Summed next-token NLL of every window (n,), float64 on the CPU: what paired comparisons need."""
     device = next(model.parameters()).device
-    start = time.perf_counter()
-    total = torch.zeros((), dtype=torch.float64)
+    parts = []
     batches = range(0, windows.shape[0], batch_size)
     for first in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = windows[first : first + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        total += window_nll(logits, batch).sum().cpu()
+        parts.append(window_nll(logits, batch).cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return torch.cat(parts)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
+    """Perplexity of ``model`` over ``windows`` (n, seqlen); returns ppl, nll, tokens, windows, seconds."""
+    start = time.perf_counter()
+    total = window_nlls(model, windows, batch_size, progress).sum()
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     nll = total.item() / predicted
     return {

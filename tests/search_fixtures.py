@@ -38,7 +38,10 @@ def search_flags(settings: SearchSettings) -> list[str]:
             "--seqlen", str(e.calib_seqlen), "--fitness-windows", str(e.fitness_windows),
             "--fitness-seqlen", str(e.fitness_seqlen), "--population", str(settings.population),
             "--generations", str(settings.generations), "--seed", str(settings.seed),
-            "--confirm", str(settings.confirm), "--seed-formulas", ",".join(settings.seed_formulas)]  # fmt: skip
+            "--confirm", str(settings.confirm), "--seed-formulas", ",".join(settings.seed_formulas),
+            "--settings", ",".join(e.patterns), "--top-windows", str(e.top_windows),
+            "--promote", str(settings.promote), "--tune", str(settings.tune),
+            "--final-top", str(settings.final_top), "--final-windows", str(settings.final_windows)]  # fmt: skip
 
 
 def run_in_process(settings: SearchSettings, run_dir: Path, workers: int = 1, observer=None,

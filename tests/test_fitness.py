@@ -4,11 +4,11 @@ A damaged statistics cache is tested in test_reliability_faults.py."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from fitness.evaluator import FitnessConfig
 from fitness.memo import Memo
 from fitness.setup import EvaluatorSettings, build_evaluator
 from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
@@ -64,6 +64,26 @@ def test_wanda_fitness_equals_the_core_one_shot_wanda(settings):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_several_settings_give_the_geometric_mean_of_one_shot_perplexities(settings):
+    """Each rung's per-setting value is the core's one-shot Wanda perplexity on that rung's windows;
+    the fitness is their geometric mean."""
+    settings = replace(settings, patterns=("0.5", "2:4"), fitness_windows=2, top_windows=3)
+    evaluator = build_evaluator(settings)
+    model, tokenizer = load_model(settings.model)
+    calib = calibration_windows(tokenize_corpus(tokenizer, load_rows("c4")), 4, 32, 0)
+    corpus = tokenize_corpus(tokenizer, load_rows("wikitext2-valid"))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    for fidelity, count in (("ppl", 2), ("top", 3)):
+        result = evaluator.evaluate(get_scorer("wanda"), fidelity)
+        expected = {}
+        for label, spec in (("0.5", SparsitySpec(0.5)), ("2:4", SparsitySpec(0.5, 2, 4))):
+            model.load_state_dict(dense)
+            prune_model(model, get_scorer("wanda"), spec, calib, sequential=False, progress=False)
+            expected[label] = perplexity(model, make_windows(corpus, 32, count), progress=False)["ppl"]
+        assert result["values"] == pytest.approx(expected, rel=1e-6)
+        assert result["fitness"] == pytest.approx(math.sqrt(expected["0.5"] * expected["2:4"]), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "fn, reason",
     [
@@ -84,9 +104,32 @@ def test_bad_candidates_get_inf_and_a_reason(settings, fn, reason):
 
 def test_timeout_is_a_reason(settings):
     evaluator = build_evaluator(settings)
-    evaluator.config = FitnessConfig(evaluator.config.spec, timeout_s=0.0)
+    evaluator.config = replace(evaluator.config, timeout_s=0.0)
     result = evaluator.evaluate(get_scorer("wanda"))
     assert result["fitness"] == math.inf and result["reason"] == "timeout"
+
+
+@pytest.mark.parametrize("group", ["row", "matrix"])
+def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
+    """Per setting: mean over linears of ||(W - W*mask) X||^2 / ||W X||^2 on the sampled rows, written
+    with full masks and the Hessian from the statistics, as the proxy was defined."""
+    from pruning_core.masks import keep_mask
+
+    settings = replace(settings, patterns=("0.5", "2:4", "0.7"), group=group)
+    evaluator = build_evaluator(settings)
+    scorer = get_scorer("wanda")
+    result = evaluator.evaluate(scorer, "proxy")
+    for label, spec in zip(settings.patterns, settings.specs):
+        errors = []
+        for name in evaluator.linears:
+            stats = evaluator.stats.linear_stats(name)
+            dense = evaluator.dense[name].double()
+            keep = keep_mask(scorer.score(evaluator.dense[name].float(), stats), spec)
+            rows = evaluator.proxy_rows[name]
+            w, removed = dense[rows], (dense * ~keep)[rows]
+            hessian = stats["hessian"].double()
+            errors.append(float(((removed @ hessian) * removed).sum() / ((w @ hessian) * w).sum()))
+        assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4)
 
 
 def test_proxy_prefers_wanda_to_a_random_mask(settings):

@@ -4,6 +4,9 @@ conditioned: no saturation, no near-zero denominators, no near-ties at the mask 
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -23,7 +26,7 @@ def _extend(children):
     return st.one_of(
         st.tuples(st.sampled_from(UNARY), children).map(lambda t: Call(t[0], (t[1],))),
         st.tuples(st.sampled_from(BINARY), children, children).map(lambda t: Call(t[0], (t[1], t[2]))),
-        st.tuples(children, st.sampled_from([0.5, 1.5, 2.0, 3.0, -1.0])).map(
+        st.tuples(children, st.sampled_from([0.5, 1.5, 2.0, 3.0, -1.0, 0.25, 1 / 3, 2 / 3])).map(
             lambda t: Call("pow", (t[0], Const(t[1])))
         ),
     )
@@ -104,8 +107,10 @@ def _reference_op(op, args, shape):
         norm = (
             x.abs().sum(dim, keepdim=True) if op.endswith("norm") else (x * x).sum(dim, keepdim=True).sqrt()
         )
-        _require(float(norm.min()) > 1e-9 * float(norm.max()) and float(norm.max()) > 0)
-        return x / norm
+        # An all-zero row / column stays zero (the kernels divide it by 1); near-zero norms are noise.
+        zero = norm == 0
+        _require(bool((zero | (norm > 1e-9 * norm.max())).all()))
+        return x / torch.where(zero, torch.ones_like(norm), norm)
     if op == "lowfrac":
         threshold = 0.1 * x.abs().mean()
         _require(float(((x.abs() - threshold).abs() / threshold.clamp_min(1e-300)).min()) > 1e-4)
@@ -325,3 +330,87 @@ def test_bad_group_is_a_usage_error():
 
     with pytest.raises(UsageError, match="group"):
         canonical_key("W", "column")
+
+
+# --- column normalizations of per-column values --------------------------------------------------
+
+
+def _column_norm64(v, rows, l2):
+    """x / (column sum of |x| or column L2 norm) on the expanded matrix, written out in float64; an
+    all-zero column stays zero (the kernels' protection)."""
+    m = v.expand(rows, v.shape[1])
+    norm = (m * m).sum(0, keepdim=True).sqrt() if l2 else m.abs().sum(0, keepdim=True)
+    return m / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _mms64(v):
+    return (v - v.min()) / (v.max() - v.min())
+
+
+def _column_data(seed=5, rows=6, cols=8):
+    """W, strictly positive X and H; mms(H) is exactly zero in H's smallest column."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    x, h = torch.rand(cols, generator=gen) + 0.5, torch.rand(cols, generator=gen) + 0.5
+    env = {"W": weight.double(), "X": x.double()[None, :], "H": h.double()[None, :]}
+    return weight, {"X": x, "H": h}, env
+
+
+def _direct_scores(env):
+    """Each formula written directly in float64 (no tree, no kernels)."""
+    w, x, h = env["W"], env["X"], env["H"]
+    rows = w.shape[0]
+    coll2 = functools.partial(_column_norm64, rows=rows, l2=True)
+    colnorm = functools.partial(_column_norm64, rows=rows, l2=False)
+    return {
+        "abs(W)": w.abs(),
+        "-abs(W)": -w.abs(),
+        "W": w,
+        "abs(W) * coll2(mms(H))": w.abs() * coll2(_mms64(h)),
+        "abs(W) * colnorm(mms(H))": w.abs() * colnorm(_mms64(h)),
+        "abs(W) * coll2(1 - mms(H))": w.abs() * coll2(1 - _mms64(h)),
+        "abs(W) * coll2(H)": w.abs() * coll2(h),
+        "abs(W) * colnorm(exp(mms(H)))": w.abs() * colnorm(_mms64(h).exp()),
+        "abs(W) * coll2(-H)": w.abs() * coll2(-h),
+        "colnorm(X) * W": colnorm(x) * w,
+        "coll2(X * H) * W": coll2(x * h) * w,
+    }
+
+
+def test_column_normalizations_share_a_key_only_with_identical_masks():
+    """Against the direct float64 formulas: equal keys imply equal row-wise 50% masks, and the compiled
+    canonical form gives the direct formula's mask. mms(H) has a zero column, so coll2(mms(H)) is not
+    a constant and abs(W) * coll2(mms(H)) must not fold to abs(W)."""
+    weight, stats, env = _column_data()
+    spec = SparsitySpec(0.5)
+    assert int((_mms64(env["H"]) == 0).sum()) == 1
+    masks = {text: keep_mask(scores, spec) for text, scores in _direct_scores(env).items()}
+    keys = {text: canonical_key(text) for text in masks}
+    for text, mask in masks.items():
+        assert torch.equal(keep_mask(compile_formula(text)(weight, stats), spec), mask), text
+    for first, second in itertools.combinations(masks, 2):
+        if keys[first] == keys[second]:
+            assert torch.equal(masks[first], masks[second]), (first, second)
+    assert not torch.equal(masks["abs(W) * coll2(mms(H))"], masks["abs(W)"])
+    assert keys["abs(W) * coll2(mms(H))"] != keys["abs(W)"]
+    assert keys["abs(W) * colnorm(mms(H))"] != keys["abs(W)"]
+    assert keys["abs(W) * coll2(1 - mms(H))"] != keys["abs(W)"]
+    # strictly positive (negative) per-column values still fold
+    assert keys["abs(W) * coll2(H)"] == keys["abs(W) * colnorm(exp(mms(H)))"] == keys["abs(W)"]
+    assert keys["abs(W) * coll2(-H)"] == keys["-abs(W)"]
+    assert keys["colnorm(X) * W"] == keys["coll2(X * H) * W"] == keys["W"]
+
+
+def test_a_zero_x_column_is_outside_the_fold_like_x_over_x():
+    """X is a norm and may be 0 in a dead column; SymPy takes X > 0 (terminals.SYMBOLS), as it does for
+    W * X / X = W. At X_j = 0 both folds leave ideal math in the same way: the protected value is 0 in
+    that column (0 / 1 and 0 / 1e-12), not W."""
+    weight, _, env = _column_data()
+    x = env["X"].clone()
+    x[0, 3] = 0.0
+    rows, w = weight.shape[0], env["W"]
+    colnorm_x = _column_norm64(x, rows, l2=False) * w
+    protected_x_over_x = w * x / torch.where(x == 0, torch.full_like(x, 1e-12), x)
+    assert torch.equal(colnorm_x[:, 3], torch.zeros(rows, dtype=torch.float64))
+    assert torch.equal(protected_x_over_x[:, 3], torch.zeros(rows, dtype=torch.float64))
+    assert canonical_key("colnorm(X) * W") == canonical_key("W * X / X") == canonical_key("W")

@@ -46,6 +46,8 @@ trees = st.recursive(leaves, _extend, max_leaves=20)
         (".5 + 1.", Call("add", (Const(0.5), Const(1.0)))),
         ("add(W, mul(X, G))", Call("add", (W, Call("mul", (X, G))))),
         ("  mms ( G )\n", Call("mms", (G,))),
+        ("pow1_3(W)", Call("pow", (W, Const(1 / 3)))),  # the GP primitive's name, as DEAP prints it
+        ("pow3(W + X)", Call("pow", (Call("add", (W, X)), Const(3.0)))),
     ],
 )
 def test_parse_examples(text, tree):
@@ -116,6 +118,9 @@ HOSTILE = [
     "abs(W, X)",
     "add(W)",
     "pow(W, 2)",
+    "pow1_3(W, X)",
+    "pow1_3",
+    "pow1_5(W)",
     "W ^ X",
     "W ** 2",
     "W +",

@@ -50,12 +50,19 @@ def test_known_formulas_convert_without_changing_their_key(name):
     assert canonical_key(deap_to_tree(individual)) == canonical_key(KNOWN_FORMULAS[name])
 
 
-def test_half_integer_powers_expand_into_gp_primitives():
+def test_z_pruner_powers_are_the_power_primitives():
+    """X^1.5 is pow3_2(X) and zsn(...)^3 is pow3(zsn(...)); no sqr / sqrt expansion left."""
+    individual = tree_to_deap(KNOWN_FORMULAS["z-pruner"], make_pset(), add_constants=True)
+    names = [node.name for node in individual if isinstance(node, gp.Primitive)]
+    assert names.count("pow3") == 2 and names.count("pow3_2") == 1
+    assert "sqrt" not in names and "sqr" not in names
+
+
+def test_powers_become_gp_primitives_with_the_same_masks():
     pset = make_pset()
     weight, x = torch.randn(4, 6), torch.rand(6) + 0.5
-    for exponent in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, -1.5):
-        tree = deap_to_tree(tree_to_deap(f"W^{exponent} * X", pset))
-        assert "pow" not in str(tree)
+    for exponent in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, -1.5, 0.25, 1 / 3, 2 / 3, -1 / 3, 4.5):
+        tree = deap_to_tree(tree_to_deap(f"W^{exponent!r} * X", pset))
         scores = compile_formula(tree, "matrix")(weight, {"X": x})
         want = weight.abs() ** exponent * x[None, :]
         for spec in (SparsitySpec(0.5), SparsitySpec(0.5, group="matrix")):

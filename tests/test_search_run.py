@@ -29,13 +29,13 @@ RUN_FILES = ["config.json", "checkpoint.json", "generations.jsonl", "candidates.
              "fitness.png", "pareto.png", "report.md"]  # fmt: skip
 
 
-def one_shot_ppl(model_path, cache, formula: str) -> float:
+def one_shot_ppl(model_path, cache, formula: str, windows: int = 2) -> float:
     """The pruning core's one-shot pruning with the formula, then perplexity: no fitness code involved."""
     model, tokenizer = load_model(str(model_path))
     calibrate_and_prune(model, FormulaScorer(formula), SparsitySpec(0.5),
                         tokenize_corpus(tokenizer, load_rows("c4")), nsamples=4, seqlen=32, seed=0,
                         calib_name="c4", cache_root=Path(cache), sequential=False, progress=False)  # fmt: skip
-    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 2)
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, windows)
     return perplexity(model, windows, progress=False)["ppl"]
 
 
@@ -57,24 +57,48 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
     logged = {(r["canonical"], r["fidelity"]): r["fitness"] for r in rows}
     state = load_run(run_dir).state
     for key, entry in state.candidates.items():
-        for fidelity in ("proxy", "ppl"):
+        for fidelity in ("proxy", "ppl", "top"):
             if entry[fidelity] is not None:
                 expected = logged[(key, fidelity)]
                 assert entry[fidelity]["fitness"] == (float("inf") if expected == "inf" else expected)
 
     hall = json.loads((run_dir / rundir.HALL_OF_FAME).read_text())
-    ppls = [e["ppl"] for e in hall["entries"]]
-    assert ppls == sorted(ppls) and len(ppls) >= 2
-    confirmed = [logged[(k, "ppl")] for k in state.candidates if isinstance(logged.get((k, "ppl")), float)]
-    assert ppls[0] == min(confirmed)
-    best = hall["entries"][0]["formula"]
-    assert ppls[0] == pytest.approx(one_shot_ppl(search_model, search_cache, best), rel=1e-6)
+    entries = hall["entries"]
+    climbed = [e for e in entries if e["top"] is not None]
+    assert climbed and entries[: len(climbed)] == climbed  # the top rung first, then the base rung
+    assert [e["top"] for e in climbed] == sorted(e["top"] for e in climbed)
+    assert [e["ppl"] for e in entries[len(climbed) :]] == sorted(e["ppl"] for e in entries[len(climbed) :])
+    tops = [logged[(k, "top")] for k in state.candidates if isinstance(logged.get((k, "top")), float)]
+    assert entries[0]["top"] == min(tops)
+    best = entries[0]["formula"]
+    assert entries[0]["ppl"] == pytest.approx(one_shot_ppl(search_model, search_cache, best), rel=1e-6)
+    top_windows = load_run(run_dir).settings.evaluator.top_windows
+    assert entries[0]["top"] == pytest.approx(
+        one_shot_ppl(search_model, search_cache, best, top_windows), rel=1e-6
+    )
     assert hall["baselines"]["wanda"]["ppl"] == pytest.approx(
         one_shot_ppl(search_model, search_cache, "abs(W) * X"), rel=1e-6
     )
 
+    # the final check: Wanda through the sequential driver on the windows after the top rung's
+    run = load_run(run_dir)
+    final, e = run.state.final, run.settings.evaluator
+    assert [r["formula"] for r in final["rows"]] == run.state.hall_of_fame[: run.settings.final_top]
+    model, tokenizer = load_model(str(search_model))
+    calibrate_and_prune(model, get_scorer("wanda"), SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")),
+                        nsamples=4, seqlen=32, seed=0, calib_name="c4", cache_root=Path(search_cache),
+                        progress=False)  # fmt: skip
+    held_out = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
+    held_out = held_out[e.top_windows : e.top_windows + run.settings.final_windows]
+    assert final["wanda"]["0.5"] == pytest.approx(
+        perplexity(model, held_out, progress=False)["ppl"], rel=1e-6
+    )
+    for row in final["rows"]:
+        assert row["ci"][0] <= row["ratio"] <= row["ci"][1]
+    assert final["chosen"]["ratio"] == min(r["ratio"] for r in final["rows"])
+
     report = (run_dir / rundir.REPORT).read_text()
-    assert f"`{best}`" in report
+    assert f"`{best}`" in report and "## Final check" in report and final["chosen"]["verdict"] in report
     for name in ("wanda", "magnitude", "pruner-zero"):
         assert f"| {name} |" in report
     import matplotlib.image
@@ -99,7 +123,7 @@ def test_export_is_listed_and_prunes_like_the_formula(
         entry = hall["entries"][rank - 1]
         assert data["formula"] == entry["formula"] and data["group"] == "row"
         assert data["stats"] == list(FormulaScorer(entry["formula"]).stats)
-        assert data["provenance"]["fitness"] == entry["ppl"]
+        assert data["provenance"]["fitness"] == (entry["top"] if entry["top"] is not None else entry["ppl"])
         assert data["provenance"]["run_id"] == run.config["run_id"] and data["provenance"]["seed"] == 7
 
     def core(*args):

@@ -29,7 +29,15 @@ from metric_search.config import ExecutionSettings, SearchSettings, settings_fro
 from metric_search.engine import Engine
 from metric_search.report import pareto_front
 from metric_search.search import start_run
-from metric_search.selection import rank_key, screening_key, to_confirm, tournament, update_hall_of_fame
+from metric_search.selection import (
+    TOP_ELIGIBLE_RANK,
+    compare,
+    drop_transient,
+    rank_key,
+    to_promote,
+    tournament,
+    update_hall_of_fame,
+)
 from metric_search.validate import parse_patterns
 from primitives import canonical_key, parse_formula
 from primitives.pset import tree_to_deap
@@ -81,13 +89,15 @@ def sample_state() -> SearchState:
     candidates = {
         "X * abs(W)": {"formula": "X * abs(W)", "size": 4, "generation": 0,
                        "proxy": {"fitness": 0.25, "reason": None, "seconds": 0.1},
-                       "ppl": {"fitness": 31.5, "reason": None, "seconds": 1.5}},
+                       "ppl": {"fitness": 31.5, "reason": None, "seconds": 1.5},
+                       "top": {"fitness": 30.0, "reason": None, "seconds": 6.0,
+                               "values": {"0.5": 20.0, "2:4": 45.0}}},
         "W": {"formula": "W", "size": 1, "generation": 1, "proxy": {"fitness": math.inf, "reason": "constant",
-                                                                    "seconds": 0.0}, "ppl": None},
+                                                                    "seconds": 0.0}, "ppl": None, "top": None},
     }  # fmt: skip
     return SearchState(generation=1, rng=random.Random(3).getstate(), population=[("abs(W) * X", "X * abs(W)")],
                        candidates=candidates, hall_of_fame=["X * abs(W)"], history=[{"generation": 0}],
-                       baselines={})  # fmt: skip
+                       baselines={}, final={"rows": [{"formula": "X * abs(W)", "ratio": 1.0}]})  # fmt: skip
 
 
 def test_checkpoint_round_trip_keeps_every_value(tmp_path):
@@ -159,7 +169,7 @@ def test_torn_memo_line_is_cut_so_the_next_append_survives(tmp_path):
 
 
 def test_config_round_trips_and_rejects_unknown_fields():
-    s = settings(seed_formulas=("abs(W)",), evaluator=EvaluatorSettings(model="m", n=2, m=4))
+    s = settings(seed_formulas=("abs(W)",), evaluator=EvaluatorSettings(model="m", patterns=("2:4", "0.6")))
     data = json.loads(json.dumps(s.as_dict()))
     assert settings_from_dict(data, "config.json") == s
     with pytest.raises(UsageError):
@@ -171,26 +181,35 @@ def test_config_round_trips_and_rejects_unknown_fields():
 # --- ranking -----------------------------------------------------------------------------------
 
 
-def entry(proxy=None, ppl=None, size=3):
+def entry(proxy=None, ppl=None, size=3, top=None):
     make = lambda v: None if v is None else {"fitness": v, "reason": None if v != math.inf else "error"}  # noqa: E731
-    return {"proxy": make(proxy), "ppl": make(ppl), "size": size}
+    return {"proxy": make(proxy), "ppl": make(ppl), "top": make(top), "size": size}
 
 
-def test_confirmed_beat_screened_beat_invalid():
+def test_formulas_compare_at_the_highest_rung_both_reached():
+    a, b = entry(0.9, 50.0, top=48.0), entry(0.1, 40.0)
+    assert compare(("a", a), ("b", b)) == 1  # both reached ppl: b's 40 beats a's 50 (a's top is not b's)
+    c = entry(0.2)
+    assert compare(("a", a), ("c", c)) == 1 and compare(("c", c), ("a", a)) == -1  # only the proxy is shared
+    assert compare(("d", entry(math.inf)), ("c", c)) == 1  # invalid loses to anything measured
+    assert compare(("x", entry(0.3, size=2)), ("y", entry(0.3, size=5))) == -1  # tie: the smaller formula
+    assert compare(("x", entry(0.3)), ("x", entry(0.3))) == 0
+
+
+def test_hall_order_puts_the_highest_rung_first():
     candidates = {
-        "a": entry(0.9, 50.0),
+        "a": entry(0.9, 50.0, top=60.0),
         "b": entry(0.1),
         "c": entry(0.2, 40.0),
         "d": entry(math.inf),
         "e": entry(),
+        "f": entry(0.5, 55.0, top=45.0),
     }
     order = sorted(candidates, key=lambda k: rank_key(k, candidates[k]))
-    assert order == ["c", "a", "b", "d", "e"]
-    screened = sorted(candidates, key=lambda k: screening_key(k, candidates[k]))  # tournaments: proxy only
-    assert screened == ["b", "c", "a", "d", "e"]
+    assert order == ["f", "a", "c", "b", "d", "e"]
 
 
-def test_to_confirm_takes_the_best_unconfirmed_proxies():
+def test_the_ladder_promotes_the_best_of_the_rung_below():
     rng = random.Random(0)
     candidates = {f"f{i}": entry(rng.random(), 10.0 if i % 4 == 0 else None) for i in range(40)}
     candidates["bad"] = entry(math.inf)
@@ -198,13 +217,40 @@ def test_to_confirm_takes_the_best_unconfirmed_proxies():
     expected = sorted(
         (e["proxy"]["fitness"], k) for k, e in candidates.items() if e["ppl"] is None and k != "bad"
     )
-    assert to_confirm(keys, candidates, 5) == [k for _, k in expected[:5]]
+    assert to_promote(keys, candidates, "ppl", 5) == [k for _, k in expected[:5]]
 
 
-def test_hall_of_fame_is_unique_confirmed_and_sorted():
-    candidates = {"a": entry(0.1, 30.0), "b": entry(0.2, 20.0), "c": entry(0.05), "d": entry(0.3, 25.0)}
-    hall = update_hall_of_fame(["a"], ["b", "b", "c", "d"], candidates, 2)
-    assert hall == ["b", "d"]
+def test_the_top_rung_takes_only_contenders_by_base_perplexity():
+    base = [30.0, 10.0, 20.0, 50.0, 40.0, 60.0, 5.0, 70.0]
+    candidates = {f"k{i}": entry(0.1, ppl) for i, ppl in enumerate(base)}
+    candidates["k6"]["top"] = {"fitness": 6.0, "reason": None}  # the best already climbed
+    eligible = sorted(base)[:TOP_ELIGIBLE_RANK]  # rank counts every measured formula, climbed or not
+    expected = sorted((candidates[k]["ppl"]["fitness"], k) for k in candidates if k != "k6")
+    expected = [k for ppl, k in expected if ppl <= eligible[-1]]
+    assert to_promote(list(candidates), candidates, "top", 10) == expected
+    assert to_promote(list(candidates), candidates, "top", 2) == expected[:2]
+
+
+def test_hall_of_fame_is_unique_measured_and_ranked_by_rung():
+    candidates = {
+        "a": entry(0.1, 30.0),
+        "b": entry(0.2, 20.0),
+        "c": entry(0.05),
+        "d": entry(0.3, 25.0, top=26.0),
+    }
+    hall = update_hall_of_fame(["a"], ["b", "b", "c", "d"], candidates, 3)
+    assert hall == ["d", "b", "a"]
+
+
+def test_machine_failures_are_forgotten_and_formula_failures_kept():
+    timed_out = {"proxy": {"fitness": 0.1, "reason": None}, "ppl": {"fitness": math.inf, "reason": "timeout"}}
+    broken = {"proxy": {"fitness": math.inf, "reason": "nonfinite"}, "ppl": None}
+    lost = {"proxy": {"fitness": math.inf, "reason": "lost"}, "ppl": None}
+    candidates = {"t": timed_out, "b": broken, "l": lost}
+    assert drop_transient(candidates) == 2
+    assert candidates["t"]["ppl"] is None and candidates["t"]["proxy"]["fitness"] == 0.1
+    assert candidates["l"]["proxy"] is None
+    assert candidates["b"]["proxy"]["reason"] == "nonfinite"
 
 
 def test_tournament_picks_the_best_with_the_textbook_probability():
@@ -228,13 +274,16 @@ def test_pareto_front_matches_brute_force():
 
 
 def test_validation_patterns_are_parsed_labelled_and_deduplicated():
-    assert parse_patterns("run, 0.5, 2:4,4:8,2:4, 0.6", (0.5, 0, 0)) == [
+    assert parse_patterns("run, 0.5, 2:4,4:8,2:4, 0.6", ("0.5",)) == [
         ("50%", (0.5, 0, 0)), ("2:4", (0.5, 2, 4)), ("4:8", (0.5, 4, 8)), ("60%", (0.6, 0, 0))
     ]  # fmt: skip
-    assert parse_patterns("run", (0.5, 2, 4)) == [("2:4", (0.5, 2, 4))]
+    assert parse_patterns("run", ("2:4",)) == [("2:4", (0.5, 2, 4))]
+    assert parse_patterns("run,0.6", ("0.5", "2:4")) == [
+        ("50%", (0.5, 0, 0)), ("2:4", (0.5, 2, 4)), ("60%", (0.6, 0, 0))
+    ]  # fmt: skip
     for bad in ("3:2", "1.5", "half", ","):
         with pytest.raises(UsageError):
-            parse_patterns(bad, (0.5, 0, 0))
+            parse_patterns(bad, ("0.5",))
 
 
 # --- engine ------------------------------------------------------------------------------------
@@ -289,7 +338,9 @@ def test_elites_survive_unchanged():
     candidates: dict = {}
     population = engine.initial_population()
     score_population(population, candidates)
-    best = sorted({ind.canonical for ind in population}, key=lambda k: candidates[k]["ppl"]["fitness"])[:3]
+    best = sorted({ind.canonical for ind in population}, key=lambda k: (candidates[k]["ppl"]["fitness"], k))[
+        :3
+    ]
     elites, offspring = engine.next_generation(population, candidates)
     assert [e.canonical for e in elites] == best
     assert len(elites) + len(offspring) == len(population)

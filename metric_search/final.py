@@ -1,0 +1,137 @@
+"""The final check: the hall of fame's best formulas against Wanda, as a user would prune with them.
+
+Each formula and Wanda prune a fresh model with the pruning core's sequential driver at every setting
+of the run, and are measured on windows of the fitness corpus that the search never read (those after
+its top-rung windows). The comparison is paired over windows: per window, the mean over settings of
+the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
+and a bootstrap over windows gives its noise. "Better than Wanda" means the whole interval is below 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from metric_search.config import SearchSettings
+from primitives import KNOWN_FORMULAS, canonical_key
+from pruning_core.errors import UsageError
+
+RESAMPLES = 2000
+LEVEL = 0.95
+REFERENCE = "wanda"
+
+
+def paired_log_ratios(
+    nll: dict[str, np.ndarray], reference: dict[str, np.ndarray], tokens: int
+) -> np.ndarray:
+    """Per window: mean over settings of (NLL - reference NLL) / predicted tokens of the window."""
+    return np.mean([(nll[label] - reference[label]) / tokens for label in reference], axis=0)
+
+
+def bootstrap_interval(differences: np.ndarray, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling windows."""
+    from scipy.stats import bootstrap
+
+    if len(differences) < 2 or np.all(differences == differences[0]):
+        mean = float(differences.mean())
+        return mean, mean
+    result = bootstrap(
+        (differences,), np.mean, n_resamples=RESAMPLES, confidence_level=LEVEL, method="percentile",
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
+
+
+def verdict(low: float, high: float, same_as_reference: bool) -> str:
+    if same_as_reference:
+        return "is Wanda"
+    if high < 1.0:
+        return "better than Wanda"
+    if low > 1.0:
+        return "worse than Wanda"
+    return "within noise of Wanda"
+
+
+class _Measurer:
+    """Prunes fresh copies of the run's model and returns per-window NLLs on the held-out windows."""
+
+    def __init__(self, settings: SearchSettings, progress: bool):
+        from pruning_core.data import load_rows, tokenize_corpus
+        from pruning_core.models import load_model
+        from pruning_core.perplexity import make_windows
+
+        e = settings.evaluator
+        self.settings, self.progress = settings, progress
+        _, tokenizer = load_model(e.model, e.dtype, e.device, e.cache_dir)
+        corpus = make_windows(
+            tokenize_corpus(tokenizer, load_rows(e.fitness_data, e.data_dir)), e.fitness_seqlen
+        )
+        self.first = max(e.fitness_windows, e.top_windows)
+        self.windows = corpus[self.first : self.first + settings.final_windows]
+        if self.windows.shape[0] == 0:
+            raise UsageError(
+                f"{e.fitness_data} has {corpus.shape[0]} windows of {e.fitness_seqlen} tokens, none after the "
+                f"{self.first} the search read; lower --top-windows or --fitness-seqlen, or pass --final-top 0"
+            )
+        self.calib_tokens = tokenize_corpus(tokenizer, load_rows(e.calib, e.data_dir))
+
+    def nll(self, scorer) -> dict[str, np.ndarray]:
+        from pruning_core.models import cache_dir, load_model
+        from pruning_core.perplexity import window_nlls
+        from pruning_core.pruning import calibrate_and_prune
+
+        e = self.settings.evaluator
+        out = {}
+        for label, spec in zip(e.patterns, e.specs):
+            model, _ = load_model(e.model, e.dtype, e.device, e.cache_dir)
+            calibrate_and_prune(
+                model, scorer, spec, self.calib_tokens, nsamples=e.nsamples, seqlen=e.calib_seqlen, seed=e.seed,
+                calib_name=e.calib, cache_root=cache_dir(e.cache_dir), progress=self.progress,
+            )  # fmt: skip
+            out[label] = window_nlls(model, self.windows).numpy()
+            del model
+        return out
+
+
+def final_check(
+    settings: SearchSettings, hall_of_fame: list[str], group: str, progress: bool = False
+) -> dict:
+    """The best ``settings.final_top`` formulas of the hall of fame against Wanda (see module doc)."""
+    from primitives.scorer import FormulaScorer
+    from pruning_core.scorers import get_scorer
+
+    e = settings.evaluator
+    measurer = _Measurer(settings, progress)
+    tokens = measurer.windows.shape[1] - 1
+    reference = measurer.nll(get_scorer(REFERENCE))
+    reference_key = canonical_key(KNOWN_FORMULAS[REFERENCE], group)
+    rows = []
+    for key in hall_of_fame[: settings.final_top]:
+        nll = reference if key == reference_key else measurer.nll(FormulaScorer(key, group=group))
+        differences = paired_log_ratios(nll, reference, tokens)
+        low, high = (math.exp(v) for v in bootstrap_interval(differences, settings.seed))
+        rows.append({
+            "formula": key,
+            "ppl": {label: math.exp(nll[label].sum() / (tokens * len(nll[label]))) for label in e.patterns},
+            "ratio": math.exp(float(differences.mean())),
+            "ci": [low, high],
+            "verdict": verdict(low, high, key == reference_key),
+        })  # fmt: skip
+    chosen = min(rows, key=lambda r: (r["ratio"], r["formula"]))
+    return {
+        "settings": list(e.patterns),
+        "data": e.fitness_data,
+        "first_window": measurer.first,
+        "windows": int(measurer.windows.shape[0]),
+        "seqlen": e.fitness_seqlen,
+        "calib": e.calib,
+        "nsamples": e.nsamples,
+        "resamples": RESAMPLES,
+        "wanda": {
+            label: math.exp(reference[label].sum() / (tokens * len(reference[label]))) for label in e.patterns
+        },
+        "rows": rows,
+        "chosen": {k: chosen[k] for k in ("formula", "ratio", "ci", "verdict")},
+    }
