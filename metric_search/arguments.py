@@ -27,6 +27,11 @@ RESUMABLE = {
 }  # fmt: skip
 
 
+def _both(name: str) -> str:
+    """Help text of a profile default, from the profiles themselves (so it cannot drift)."""
+    return ", ".join(f"{profile} {values[name]:g}" for profile, values in PROFILES.items())
+
+
 def search_parser() -> OneLineParser:
     p = OneLineParser(
         prog="python -m metric_search",
@@ -36,8 +41,8 @@ def search_parser() -> OneLineParser:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="defaults sized for CPU or GPU")
     g = p.add_argument_group("evolution")
-    g.add_argument("--generations", type=int, help="cpu 20, gpu 50")
-    g.add_argument("--population", type=int, help="cpu 24, gpu 64")
+    g.add_argument("--generations", type=int, help=_both("generations"))
+    g.add_argument("--population", type=int, help=_both("population"))
     g.add_argument("--seed", type=int, help="fixes the whole search (default 0)")
     g.add_argument("--cx-prob", type=float, help="subtree crossover probability per pair (0.6)")
     g.add_argument(
@@ -62,37 +67,51 @@ def search_parser() -> OneLineParser:
     f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
     f.add_argument("--group", help="row or matrix (row)")
     f.add_argument("--calib", help="calibration corpus (c4)")
-    f.add_argument("--nsamples", type=int, help="calibration windows (cpu 32, gpu 128)")
-    f.add_argument("--seqlen", type=int, help="calibration window length (cpu 256, gpu 512)")
+    f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
+    f.add_argument("--seqlen", type=int, help=f"calibration window length ({_both('seqlen')})")
     f.add_argument("--calib-seed", type=int, help="calibration sampling seed (0)")
     f.add_argument("--fitness-data", help="fitness corpus (wikitext2-valid)")
-    f.add_argument("--fitness-windows", type=int, help="perplexity windows of the base rung (cpu 2, gpu 16)")
-    f.add_argument("--top-windows", type=int, help="perplexity windows of the top rung (cpu 8, gpu 64)")
-    f.add_argument("--fitness-seqlen", type=int, help="tokens per fitness window (cpu 512, gpu 512)")
-    f.add_argument("--no-multi-fidelity", action="store_true", help="every new formula gets base perplexity")
-    f.add_argument("--confirm", type=int, help="formulas per generation given base perplexity (cpu 3, gpu 8)")
     f.add_argument(
-        "--promote", type=int, help="formulas per generation promoted to the top rung (cpu 1, gpu 3)"
+        "--fitness-windows",
+        type=int,
+        help=f"perplexity windows of the base rung ({_both('fitness_windows')})",
+    )
+    f.add_argument(
+        "--top-windows", type=int, help=f"perplexity windows of the top rung ({_both('top_windows')})"
+    )
+    f.add_argument(
+        "--fitness-seqlen", type=int, help=f"tokens per fitness window ({_both('fitness_seqlen')})"
+    )
+    f.add_argument("--no-multi-fidelity", action="store_true", help="every new formula gets base perplexity")
+    f.add_argument(
+        "--confirm", type=int, help=f"formulas per generation given base perplexity ({_both('confirm')})"
+    )
+    f.add_argument(
+        "--promote", type=int, help=f"formulas per generation promoted to the top rung ({_both('promote')})"
     )
     f.add_argument(
         "--tune",
         type=int,
-        help="constant-tuning variants of the best formula per generation (cpu 1, gpu 4; 0: off)",
+        help=f"constant-tuning variants of the best formula per generation ({_both('tune')}; 0: off)",
     )
     f.add_argument(
         "--final-top",
         type=int,
-        help="hall-of-fame formulas checked against Wanda at the end (cpu 2, gpu 5; 0: none)",
+        help=f"hall-of-fame formulas checked against Wanda at the end ({_both('final_top')}; 0: none)",
     )
     f.add_argument(
-        "--final-windows", type=int, help="WikiText-2 valid windows of that final check (cpu 16, gpu 64)"
+        "--final-windows",
+        type=int,
+        help=f"WikiText-2 valid windows of that final check ({_both('final_windows')})",
     )
     add_model_flags(p)
     r = p.add_argument_group("execution")
     r.add_argument("--workers", type=int, help="evaluator actors (cpu 2, gpu 1 per GPU)")
-    r.add_argument("--threads", type=int, help="torch threads per actor (cpu 1, gpu 4)")
+    r.add_argument("--threads", type=int, help=f"torch threads per actor ({_both('threads')})")
     r.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: local Ray on loopback)")
-    r.add_argument("--candidate-timeout", type=float, help="seconds per candidate (cpu 300, gpu 600)")
+    r.add_argument(
+        "--candidate-timeout", type=float, help=f"seconds per candidate ({_both('candidate_timeout')})"
+    )
     r.add_argument("--no-preflight", action="store_true", help="skip loading the model in the driver first")
     r.add_argument("--run-dir", help="run directory (default runs/<run-id>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
