@@ -125,15 +125,17 @@ class Engine:
         """(elites carried over unchanged, offspring made by selection and variation).
 
         Elites and tournament winners are compared at the highest rung both reached. A child that
-        repeats a formula of the population, or does not read the weight, is mutated again (a few
-        times at most), so duplicates and constants do not crowd the population out."""
+        repeats a formula measured before, or does not read the weight, is mutated again (a few times
+        at most), so duplicates and constants do not crowd the population out."""
         s = self.settings
         keys = [ind.canonical for ind in population]
         elite_keys = best_unique(keys, candidates, s.elite)
         elites = [population[keys.index(k)] for k in elite_keys]
         winners = tournament(self.rng, keys, candidates, s.population - len(elites), s.tournament)
         children = self._vary([population[i].tree for i in winners])
-        return elites, self._novel(children, set(keys))
+        # Novel against everything measured so far, not only this population: a formula that died out
+        # would cost nothing to measure again but teaches nothing either.
+        return elites, self._novel(children, set(keys) | set(candidates))
 
     def _novel(self, children: list[gp.PrimitiveTree], seen: set[str]) -> list[Individual]:
         offspring = []

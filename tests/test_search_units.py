@@ -358,6 +358,20 @@ def test_children_that_repeat_the_population_are_mutated_again():
     assert [e.canonical for e in elites] == [population[0].canonical]
 
 
+def test_children_that_repeat_any_measured_formula_are_mutated_again():
+    engine = Engine(settings(population=20, mut_prob=0.3, seed=9))
+    population = engine.initial_population()
+    candidates: dict = {}
+    score_population(population, candidates)
+    measured_before = [engine.from_text(t) for t in ("abs(W) * G", "sqrt(X) * abs(W)", "abs(W) / H", "U * X")]
+    score_population(measured_before, candidates)
+    elites, offspring = engine.next_generation(population, candidates)
+    repeats = [child.canonical for child in offspring if child.canonical in candidates]
+    # five retries leave few repeats (small trees have few novel mutants); without them about a third
+    # of the children repeat a measured formula
+    assert len(repeats) <= len(offspring) // 5, repeats
+
+
 def test_resume_through_a_json_checkpoint_is_exact(tmp_path):
     """Evolve 6 generations in one go, and 3 + (JSON checkpoint, new engine) + 3: same populations."""
     s = settings()
