@@ -132,6 +132,11 @@ class zsn(_ShiftScaleInvariant):  # noqa: N801
 COLUMN_SYMBOLS = {"X", "H"}  # terminals that are one value per input column
 
 
+def _positive_per_column(expr: sympy.Expr) -> bool:
+    """True when expr is one value per input column (or a scalar) that SymPy knows is > 0."""
+    return bool(expr.is_extended_positive) and {s.name for s in expr.free_symbols} <= COLUMN_SYMBOLS
+
+
 class _Normalization(_FiniteReal):
     """x divided by a positive per-row (per-column) norm of x: sign follows x, scale-invariant.
     An all-zero row / column stays zero (the protected kernels divide it by 1)."""
@@ -153,6 +158,15 @@ class _Normalization(_FiniteReal):
                 return cls(S.One)
             if x.is_extended_negative:
                 return -cls(S.One)
+        if cls.per_column and x.is_Mul:
+            # Each column is scaled by one positive number, which its own norm divides out:
+            # colnorm(x * c) = colnorm(x) for c > 0 per column. Only factors known to be strictly
+            # positive go (mms(H) is 0 in a column, where the kernels leave the column at 0); a
+            # positive factor so tiny or huge that the kernels floor or clamp it is the same accepted
+            # protection edge as for a positive scalar.
+            kept = [factor for factor in x.args if not _positive_per_column(factor)]
+            if len(kept) < len(x.args):
+                return cls(sympy.Mul(*kept))
         rest, sign = _drop_scalar_factors(x)
         if rest != x:
             return cls(rest) if sign > 0 else -cls(rest)

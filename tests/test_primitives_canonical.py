@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from primitives import KNOWN_FORMULAS, OPS, canonical_key, compile_formula, format_formula
+from primitives.compile import CompiledFormula
+from primitives.grammar import parse_formula
 from primitives.tree import Call, Const, Term
 from pruning_core.masks import keep_mask
 from pruning_core.scorers.base import SparsitySpec
@@ -414,3 +416,96 @@ def test_a_zero_x_column_is_outside_the_fold_like_x_over_x():
     assert torch.equal(colnorm_x[:, 3], torch.zeros(rows, dtype=torch.float64))
     assert torch.equal(protected_x_over_x[:, 3], torch.zeros(rows, dtype=torch.float64))
     assert canonical_key("colnorm(X) * W") == canonical_key("W * X / X") == canonical_key("W")
+
+
+# --- positive per-column factors inside a column normalization ------------------------------------
+
+
+def _protected_div64(x, y):
+    """x / y with |y| floored at 1e-12 keeping its sign, 0 counting as positive (the protected div)."""
+    return x / torch.where(y.abs() < 1e-12, torch.where(y < 0, -1e-12, 1e-12).to(y.dtype), y)
+
+
+def _factor_scores(env):
+    """Each formula written directly in float64 (no tree, no kernels)."""
+    w, x, h = env["W"], env["X"], env["H"]
+    rows = w.shape[0]
+    coll2 = functools.partial(_column_norm64, rows=rows, l2=True)
+    colnorm = functools.partial(_column_norm64, rows=rows, l2=False)
+    return {
+        "colnorm(abs(W))": colnorm(w.abs()),
+        "coll2(abs(W))": coll2(w.abs()),
+        "X * colnorm(abs(W))": x * colnorm(w.abs()),
+        "X * colnorm(abs(W) / H)": x * colnorm(w.abs() / h),
+        "colnorm(abs(W) * sqrt(X))": colnorm(w.abs() * x.sqrt()),
+        "coll2(U * X)": coll2(w.abs() / h * x),
+        # inv(mms(H)) is 1e12 in mms(H)'s zero column: still a positive per-column factor
+        "colnorm(abs(W) / mms(H))": colnorm(_protected_div64(w.abs(), _mms64(h))),
+        # mms(H) is 0 in one column, which then stays 0: not a positive factor
+        "colnorm(abs(W) * mms(H))": colnorm(w.abs() * _mms64(h)),
+        "colnorm(abs(W) + X)": colnorm(w.abs() + x),
+    }
+
+
+SAME_MASK = [
+    ("X * colnorm(abs(W) / H)", "X * colnorm(abs(W))"),
+    ("colnorm(abs(W) * sqrt(X))", "colnorm(abs(W))"),
+    ("coll2(U * X)", "coll2(abs(W))"),
+    ("colnorm(abs(W) / mms(H))", "colnorm(abs(W))"),
+]
+DIFFERENT_MASK = [
+    ("colnorm(abs(W) * mms(H))", "colnorm(abs(W))"),  # a factor that is 0 in a column is kept
+    ("colnorm(abs(W) + X)", "colnorm(abs(W))"),  # a term, not a factor
+]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("group", ["row", "matrix"])
+def test_positive_column_factors_drop_out_of_column_normalizations(group, seed):
+    """A column normalization divides each column by its own norm, so a strictly positive per-column
+    factor cancels: the pairs share a key, and their direct float64 row-wise 50% masks are identical.
+    A factor that is zero in a column, or a per-column term, changes the masks and keeps its key."""
+    weight, stats, env = _column_data(seed)
+    spec = SparsitySpec(0.5)
+    assert int((_mms64(env["H"]) == 0).sum()) == 1
+    masks = {text: keep_mask(scores, spec) for text, scores in _factor_scores(env).items()}
+    for text, mask in masks.items():
+        # the compiled canonical form, and the protected kernels on the tree as written, give the
+        # direct formula's mask
+        assert torch.equal(keep_mask(compile_formula(text, group)(weight, stats), spec), mask), text
+        as_written = CompiledFormula(text, parse_formula(text))(weight, stats)
+        assert torch.equal(keep_mask(as_written, spec), mask), text
+    for first, second in SAME_MASK:
+        assert torch.equal(masks[first], masks[second]), (first, second)
+        assert canonical_key(first, group) == canonical_key(second, group), (first, second)
+    for first, second in DIFFERENT_MASK:
+        assert not torch.equal(masks[first], masks[second]), (first, second)
+        assert canonical_key(first, group) != canonical_key(second, group), (first, second)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("colnorm(abs(W) * X * H)", "colnorm(abs(W))"),
+        ("coll2(W * exp(mms(H)))", "coll2(W)"),  # exp(...) > 0 even where mms(H) = 0
+        ("colnorm(W * mms(H) * X)", "colnorm(W * mms(H))"),  # only the positive factor goes
+        ("colnorm(colnorm(abs(W)) * X)", "colnorm(abs(W))"),
+        ("coll2(-3 * W / X)", "-coll2(W)"),
+    ],
+)
+def test_positive_column_factor_keys(first, second):
+    assert canonical_key(first, "matrix") == canonical_key(second, "matrix")
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("colnorm(W * mms(H))", "colnorm(W)"),
+        ("colnorm(W * G)", "colnorm(W)"),  # G is per weight
+        ("colnorm(W * (X - H))", "colnorm(W)"),  # sign unknown, may be 0
+        ("rownorm(abs(W) / H)", "rownorm(abs(W))"),  # one factor per column is not one per row
+        ("rowl2(W * X)", "rowl2(W)"),
+    ],
+)
+def test_factors_that_are_not_positive_per_column_stay(first, second):
+    assert canonical_key(first, "matrix") != canonical_key(second, "matrix")

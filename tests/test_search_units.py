@@ -358,6 +358,15 @@ def test_children_that_repeat_the_population_are_mutated_again():
     assert [e.canonical for e in elites] == [population[0].canonical]
 
 
+def test_most_offspring_slots_bring_a_formula_never_measured_before():
+    """Novelty against every measured formula: over 10 generations of 20, more than half of the 200
+    offspring are new (with novelty against the population only, about a third were)."""
+    for seed in (9, 10):
+        engine, candidates = Engine(settings(population=20, seed=seed, max_depth=6, max_size=24)), {}
+        evolve(engine, 10, candidates)
+        assert len(candidates) - 20 > 100, (seed, len(candidates))
+
+
 def test_resume_through_a_json_checkpoint_is_exact(tmp_path):
     """Evolve 6 generations in one go, and 3 + (JSON checkpoint, new engine) + 3: same populations."""
     s = settings()
