@@ -9,6 +9,8 @@ import time
 from pruning_core.cli_common import OneLineParser, add_model_flags, emit, run_cli
 from pruning_core.errors import UsageError
 
+DEFAULT_EVAL_DATA = "wikitext2-test"
+
 
 def peak_memory_mb() -> dict:
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -43,24 +45,42 @@ def _check_eval_flags(args) -> None:
             raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(CORPORA)}")
 
 
+def eval_dataset(args) -> str | None:
+    """Perplexity runs when --data is given or no --tasks are asked for (WikiText-2 test by default);
+    zero-shot alone skips it, since a whole WikiText-2 test pass takes about half an hour on CPU."""
+    if args.data is not None:
+        return args.data
+    return None if args.tasks else DEFAULT_EVAL_DATA
+
+
 def cmd_eval(args) -> int:
     from pruning_core.models import load_model
     from pruning_core.perplexity import perplexity
 
     _check_eval_flags(args)
+    dataset = eval_dataset(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
-    windows = _eval_windows(tokenizer, model, args, args.data)
-    result = perplexity(model, windows, args.batch_size, progress=not args.json)
-    result.update(model=args.model, data=args.data, seqlen=args.seqlen, **peak_memory_mb())
+    result = {"model": args.model}
+    lines = []
+    if dataset:
+        windows = _eval_windows(tokenizer, model, args, dataset)
+        result.update(perplexity(model, windows, args.batch_size, progress=not args.json))
+        result.update(data=dataset, seqlen=args.seqlen)
+        lines.append(
+            f"{args.model} {dataset} seqlen {args.seqlen}: ppl {result['ppl']:.4f} "
+            f"over {result['windows']} windows ({result['seconds']:.1f} s)"
+        )
     if args.tasks:
         result["zeroshot"] = _zeroshot(model, tokenizer, args)
-    emit(
-        result,
-        args.json,
-        f"{args.model} {args.data} seqlen {args.seqlen}: ppl {result['ppl']:.4f} "
-        f"over {result['windows']} windows ({result['seconds']:.1f} s)",
-    )
+        lines.append(f"{args.model} zero-shot {args.tasks}: {_mean_acc_text(result['zeroshot'])}")
+    result.update(peak_memory_mb())
+    emit(result, args.json, "\n".join(lines))
     return 0
+
+
+def _mean_acc_text(zeroshot: dict) -> str:
+    mean = zeroshot["mean_acc"]
+    return "no accuracy reported" if mean is None else f"mean acc {mean:.4f}"
 
 
 def _zeroshot(model, tokenizer, args) -> dict:
@@ -192,7 +212,12 @@ def build_parser() -> OneLineParser:
 
     ev = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model")
     add_model_flags(ev)
-    ev.add_argument("--data", default="wikitext2-test", help="wikitext2-test, wikitext2-valid or c4")
+    ev.add_argument(
+        "--data",
+        default=None,
+        help=f"perplexity on wikitext2-test, wikitext2-valid or c4 (default {DEFAULT_EVAL_DATA}, "
+        "skipped when only --tasks is given)",
+    )
     ev.add_argument(
         "--tasks", default=None, help="zero-shot tasks: 'zeroshot' or a comma list (arc_easy,boolq)"
     )

@@ -20,7 +20,7 @@ def owl_block_sparsities(model, windows, target: float, m: float, lam: float, **
 
     def measure(visit) -> None:
         pairs = [(linear.weight.data, visit.stats[name]["X"]) for name, linear in visit.linears.items()]
-        ratios.append(outlier_ratio(pairs, m))
+        ratios.append(outlier_ratio(pairs, m=m))
 
     walk_blocks(model, windows, ("X",), measure, sequential=False, desc="owl ratios", **walk)
     return owl_sparsities(ratios, target, lam)

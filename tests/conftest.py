@@ -41,13 +41,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, layers: int = 2):
     import transformers as tf
 
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=False,
@@ -65,7 +65,7 @@ def tiny_config(arch: str):
             vocab_size=VOCAB,
             hidden_size=64,
             ffn_dim=128,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=256,
             word_embed_proj_dim=64,
@@ -76,11 +76,11 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "qwen2", "mistral", "gemma2", "opt"]
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0):
+def make_tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), dtype=torch.float32)
     # Random init at std 0.02 gives near-uniform logits; larger weights make pruning visible in ppl.
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -75,3 +75,37 @@ def test_scorers_lists_builtins():
     proc = run_cli("scorers", "--json")
     names = {row["name"] for row in json.loads(proc.stdout)["scorers"]}
     assert {"magnitude", "wanda", "ria", "pruner-zero"} <= names
+
+
+def eval_json(capsys, *args) -> dict:
+    from pruning_core.cli import main
+
+    assert main(["eval", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_with_tasks_only_skips_perplexity(tiny_model_dir, monkeypatch, capsys):
+    import pruning_core.perplexity
+
+    def no_perplexity(*_args, **_kwargs):
+        raise AssertionError("perplexity computed although only --tasks was asked for")
+
+    monkeypatch.setattr(pruning_core.perplexity, "perplexity", no_perplexity)
+    result = eval_json(capsys, "--model", str(tiny_model_dir("llama")), "--tasks", "arc_easy", "--limit", "2")
+    assert result["zeroshot"]["tasks"]["arc_easy"]["n"] == 2
+    assert not {"ppl", "nll", "windows", "data", "seqlen"} & set(result)
+
+
+def test_eval_without_tasks_computes_wikitext2_test_perplexity(tiny_model_dir, capsys, data_dir):
+    model_dir = tiny_model_dir("llama")
+    result = eval_json(capsys, "--model", str(model_dir), "--seqlen", "32", "--max-windows", "2")
+    assert result["data"] == "wikitext2-test" and "zeroshot" not in result
+    # independent: mean next-token NLL over the first two 32-token windows of WikiText-2 test
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    _, tokenizer = load_model(str(model_dir))
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-test", data_dir)), 32, 2)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert result["windows"] == 2
+    assert result["ppl"] == pytest.approx(torch.exp(nll).item(), rel=1e-5)

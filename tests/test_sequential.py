@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import make_tiny_model
+from test_zpruner_owl import official_owl
 
 from pruning_core.blocks import block_linears, find_blocks
 from pruning_core.scorers import SparsitySpec, get_scorer
@@ -138,34 +139,45 @@ def test_tiny_mamba_prunes_and_evaluates_with_the_generic_driver():
     assert pruned_ppl != dense_ppl and torch.isfinite(torch.tensor(pruned_ppl))
 
 
+def dense_block_pairs(model, windows) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per block, (weight, ||X||) of each linear, from inputs captured on one pass of the dense model."""
+    _, blocks = find_blocks(model)
+    sums, hooks = {}, []
+    for index, block in enumerate(blocks):
+        for name, linear in block_linears(block).items():
+            sums[index, name] = torch.zeros(linear.in_features, dtype=torch.float64)
+
+            def accumulate(_m, args, _o, key=(index, name)):
+                sums[key] += (args[0].reshape(-1, args[0].shape[-1]).double() ** 2).sum(0)
+
+            hooks.append(linear.register_forward_hook(accumulate))
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    return [
+        [(linear.weight.detach(), sums[index, name].sqrt()) for name, linear in block_linears(block).items()]
+        for index, block in enumerate(blocks)
+    ]
+
+
+def pooled_outlier_ratio(pairs, m: float) -> float:
+    """Share of the block's concatenated |W| * ||X|| scores above m times their mean."""
+    scores = torch.cat([(w.double().abs() * x.reshape(1, -1)).flatten() for w, x in pairs])
+    return float((scores > m * scores.mean()).double().mean())
+
+
 def test_owl_block_sparsities_average_to_the_target_and_are_applied():
-    from pruning_core.owl import outlier_ratio, owl_sparsities
     from pruning_core.pruning import owl_block_sparsities
 
     model = make_tiny_model("llama")
     windows = calib()
     sparsities = owl_block_sparsities(model, windows, 0.7, 5.0, 0.08, batch_size=4, progress=False)
-    assert abs(sum(sparsities) / len(sparsities) - 0.7) < 1e-3
-    assert all(0.62 - 1e-9 <= s <= 0.78 + 1e-9 for s in sparsities)
-    # independent: the outlier ratio of each block from inputs captured on the whole dense model
+    ratios = [pooled_outlier_ratio(pairs, 5.0) for pairs in dense_block_pairs(model, windows)]
+    assert ratios[0] != ratios[1]
+    assert sparsities == pytest.approx(official_owl(ratios, 0.7, 0.08), abs=1e-6)
+    assert abs(sum(sparsities) / len(sparsities) - 0.7) < 1e-9
     _, blocks = find_blocks(model)
-    ratios = []
-    for block in blocks:
-        sums, hooks = {}, []
-        for name, linear in block_linears(block).items():
-            sums[name] = torch.zeros(linear.in_features)
-
-            def accumulate(_m, args, _o, name=name, sums=sums):
-                sums[name] += (args[0].reshape(-1, args[0].shape[-1]) ** 2).sum(0)
-
-            hooks.append(linear.register_forward_hook(accumulate))
-        with torch.no_grad():
-            model(windows)
-        for h in hooks:
-            h.remove()
-        pairs = [(lin.weight, sums[n].sqrt()) for n, lin in block_linears(block).items()]
-        ratios.append(outlier_ratio(pairs, 5.0))
-    assert sparsities == pytest.approx(owl_sparsities(ratios, 0.7, 0.08), abs=1e-6)
     prune_model(
         model, get_scorer("wanda"), SparsitySpec(0.7), windows, block_sparsities=sparsities, progress=False
     )
@@ -173,3 +185,19 @@ def test_owl_block_sparsities_average_to_the_target_and_are_applied():
         for linear in block_linears(block).values():
             zeros = (linear.weight == 0).sum(1)
             assert torch.all(zeros == round(target * linear.in_features))
+
+
+def test_owl_m_changes_the_block_sparsities():
+    from pruning_core.pruning import owl_block_sparsities
+
+    model = make_tiny_model("llama", layers=4)  # two blocks would always get target ± lambda
+    windows = calib()
+    pairs = dense_block_pairs(model, windows)
+    by_m = {}
+    for m in (1.0, 2.0, 5.0):
+        by_m[m] = owl_block_sparsities(model, windows, 0.7, m, 0.08, batch_size=4, progress=False)
+        ratios = [pooled_outlier_ratio(block, m) for block in pairs]
+        assert by_m[m] == pytest.approx(official_owl(ratios, 0.7, 0.08), abs=1e-6), m
+    assert by_m[1.0] != pytest.approx(by_m[2.0], abs=1e-3)
+    assert by_m[2.0] != pytest.approx(by_m[5.0], abs=1e-3)
+    assert by_m[1.0] != pytest.approx(by_m[5.0], abs=1e-3)

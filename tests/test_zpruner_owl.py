@@ -68,10 +68,8 @@ def test_zpruner_registered():
     assert scorer.stats == ("X",) and scorer.default_group == "row"
 
 
-def test_outlier_ratio_pools_the_block():
-    gen = torch.Generator().manual_seed(1)
-    pairs = [(torch.randn(8, 12, generator=gen) ** 3, torch.rand(12, generator=gen) * 4) for _ in range(3)]
-    pairs.append((torch.randn(5, 20, generator=gen), torch.rand(20, generator=gen)))
+def pooled_ratio_loop(pairs, m: float) -> float:
+    """Share of |W_ij| * ||X_j|| above m times the mean, over every score of the block, by plain loops."""
     scores = [
         abs(w[i, j].item()) * x[j].item()
         for w, x in pairs
@@ -79,50 +77,82 @@ def test_outlier_ratio_pools_the_block():
         for j in range(w.shape[1])
     ]
     mean = sum(scores) / len(scores)
-    expected = sum(s > OWL_M * mean for s in scores) / len(scores)
+    return sum(s > m * mean for s in scores) / len(scores)
+
+
+def test_outlier_ratio_pools_the_block():
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(8, 12, generator=gen) ** 3, torch.rand(12, generator=gen) * 4) for _ in range(3)]
+    pairs.append((torch.randn(5, 20, generator=gen), torch.rand(20, generator=gen)))
+    expected = pooled_ratio_loop(pairs, OWL_M)
     assert expected > 0
     assert outlier_ratio(pairs) == pytest.approx(expected, abs=1e-12)
     # one linear alone, both call forms
     w, x = pairs[0]
-    single = [abs(w[i, j].item()) * x[j].item() for i in range(8) for j in range(12)]
-    single_mean = sum(single) / len(single)
-    expected_single = sum(s > 3 * single_mean for s in single) / len(single)
+    expected_single = pooled_ratio_loop([(w, x)], 3)
     assert outlier_ratio(w, x, m=3) == pytest.approx(expected_single, abs=1e-12)
     assert outlier_ratio([(w, x)], m=3) == outlier_ratio(w, x, m=3)
 
 
-def check_owl(ratios, target, lam):
-    sparsities = owl_sparsities(ratios, target, lam)
-    assert len(sparsities) == len(ratios)
-    assert abs(sum(sparsities) / len(sparsities) - target) < 1e-6
-    assert all(target - lam - 1e-12 <= s <= target + lam + 1e-12 for s in sparsities)
-    for a in range(len(ratios)):
-        for b in range(len(ratios)):
-            if ratios[a] > ratios[b]:
-                assert sparsities[a] < sparsities[b]
-    return sparsities
+def test_outlier_ratio_follows_m_on_a_block():
+    gen = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(6, 10, generator=gen) ** 3, torch.rand(10, generator=gen) * 4) for _ in range(2)]
+    pairs.append((torch.randn(10, 7, generator=gen), torch.rand(7, generator=gen)))
+    expected = {m: pooled_ratio_loop(pairs, m) for m in (1.0, 2.0, 5.0)}
+    assert len(set(expected.values())) == 3  # the three multiples must tell apart
+    for m, ratio in expected.items():
+        assert outlier_ratio(pairs, m=m) == pytest.approx(ratio, abs=1e-12)
 
 
-def test_owl_balanced_ratios_follow_the_released_mapping():
-    ratios = [0.010, 0.030, 0.020, 0.050, 0.040]  # symmetric spread: no bound overshoot
-    sparsities = check_owl(ratios, 0.7, OWL_LAMBDA)
+def test_outlier_ratio_takes_m_by_keyword_only():
+    w, x = torch.ones(2, 2), torch.ones(2)
+    with pytest.raises(TypeError):
+        outlier_ratio(w, x, 2.0)
+    with pytest.raises(ValueError, match="inside the"):
+        outlier_ratio([(w, x)], x)
+
+
+def official_owl(ratios, target, lam):
+    """luuyin/OWL's mapping: min-max onto [0, 2*lam], shift to mean 1 - target, sparsity = 1 - value."""
     low, high = min(ratios), max(ratios)
-    keep = [(r - low) / (high - low) * 2 * OWL_LAMBDA for r in ratios]
-    keep_mean = sum(keep) / len(keep)
-    expected = [1 - (k - keep_mean + (1 - 0.7)) for k in keep]
-    assert sparsities == pytest.approx(expected, abs=1e-12)
-    assert max(sparsities) == pytest.approx(0.7 + OWL_LAMBDA) and min(sparsities) == pytest.approx(
-        0.7 - OWL_LAMBDA
-    )
+    kept = [(r - low) * (1 / (high - low) * lam * 2) for r in ratios]
+    kept_mean = sum(kept) / len(kept)
+    kept = [k - kept_mean + (1 - target) for k in kept]
+    return [1 - k for k in kept]
 
 
-def test_owl_skewed_and_random_ratios_stay_in_bounds():
-    check_owl([0.0] * 9 + [0.3], 0.5, 0.1)  # one outlier-heavy block would overshoot to 0.5 - 0.18
-    check_owl([0.2] * 9 + [0.0], 0.6, 0.05)
+def test_owl_skewed_ratios_follow_the_released_mapping():
+    sparsities = owl_sparsities([10, 1, 1, 1, 1], 0.5, 0.08)
+    # by hand: kept = [0.16, 0, 0, 0, 0], mean 0.032, so 0.5 - 0.128 and 0.5 + 0.032
+    assert sparsities == pytest.approx([0.372, 0.532, 0.532, 0.532, 0.532], abs=1e-12)
+    assert sparsities == pytest.approx(official_owl([10, 1, 1, 1, 1], 0.5, 0.08), abs=1e-12)
+    assert sum(sparsities) / 5 == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "target", "lam"),
+    [
+        ([0.010, 0.030, 0.020, 0.050, 0.040], 0.7, OWL_LAMBDA),
+        ([0.0] * 9 + [0.3], 0.5, 0.1),  # one outlier-heavy block lands 0.18 below the target
+        ([0.2] * 9 + [0.0], 0.6, 0.05),
+    ],
+)
+def test_owl_follows_the_released_mapping(ratios, target, lam):
+    sparsities = owl_sparsities(ratios, target, lam)
+    assert sparsities == pytest.approx(official_owl(ratios, target, lam), abs=1e-12)
+    assert sum(sparsities) / len(sparsities) == pytest.approx(target, abs=1e-12)
+    assert max(sparsities) - min(sparsities) == pytest.approx(2 * lam, abs=1e-12)
+
+
+def test_owl_random_ratios_follow_the_released_mapping():
     gen = torch.Generator().manual_seed(2)
     for _ in range(20):
         ratios = (torch.rand(30, generator=gen) ** 3).tolist()
-        check_owl(ratios, 0.7, OWL_LAMBDA)
+        sparsities = owl_sparsities(ratios, 0.7, OWL_LAMBDA)
+        assert sparsities == pytest.approx(official_owl(ratios, 0.7, OWL_LAMBDA), abs=1e-12)
+        assert sum(sparsities) / len(sparsities) == pytest.approx(0.7, abs=1e-12)
+        most, least = ratios.index(max(ratios)), ratios.index(min(ratios))
+        assert sparsities[most] == min(sparsities) and sparsities[least] == max(sparsities)
 
 
 def test_owl_equal_ratios_give_the_target():
@@ -137,12 +167,20 @@ def test_owl_equal_ratios_give_the_target():
         (0.7, -0.01, "lambda must be >= 0"),
         (0.0, 0.08, "in \\(0, 1\\)"),
         (1.0, 0.08, "in \\(0, 1\\)"),
-        (0.95, 0.08, "below"),
+        (0.95, 0.08, "outside \\[0, 1\\); use --owl-lambda below 0.05$"),  # [0.1, 0.2] -> [1.03, 0.87]
+        (0.05, 0.08, "outside \\[0, 1\\); use --owl-lambda below 0.05$"),  # -> [0.13, -0.03]
     ],
 )
 def test_owl_rejects_bad_inputs(target, lam, message):
     with pytest.raises(UsageError, match=message):
         owl_sparsities([0.1, 0.2], target, lam)
+
+
+def test_owl_range_is_checked_on_the_mapped_sparsities():
+    # within target ± lambda would fit, but the skewed block lands at 0.1 - 0.128 < 0
+    with pytest.raises(UsageError, match="use --owl-lambda below 0.0625"):
+        owl_sparsities([10, 1, 1, 1, 1], 0.1, 0.08)
+    assert min(owl_sparsities([10, 1, 1, 1, 1], 0.1, 0.062)) == pytest.approx(0.1 - 0.062 * 1.6, abs=1e-12)
 
 
 def test_outlier_ratio_rejects_bad_m():
