@@ -35,7 +35,7 @@ CPU_PROFILE = {
     "fitness_windows": 2,
     "top_windows": 8,
     "fitness_seqlen": 512,
-    "final_top": 2,
+    "final_top": 3,
     "final_windows": 16,
     "workers": 2,
     "threads": 1,
