@@ -19,7 +19,7 @@ from metric_search import rundir
 from metric_search.cli import plan_search
 from metric_search.config import ExecutionSettings, SearchSettings
 from metric_search.engine import Engine, reads_weight
-from metric_search.final import bootstrap_interval, paired_log_ratios, verdict
+from metric_search.final import bootstrap_interval, choose, paired_log_ratios, verdict
 from metric_search.search import Search, _Evaluations, start_run
 from primitives import canonical_key, parse_formula
 from primitives.scorer import FormulaScorer
@@ -311,6 +311,15 @@ def test_verdicts_say_better_only_outside_the_noise():
     assert verdict(0.95, 1.01, False) == "within noise of Wanda"
     assert verdict(1.01, 1.05, False) == "worse than Wanda"
     assert verdict(1.0, 1.0, True) == "is Wanda"
+
+
+def test_the_choice_falls_back_to_wanda_when_every_formula_loses():
+    rows = [{"formula": "a", "ratio": 1.05}, {"formula": "b", "ratio": 1.02}]
+    assert choose(rows, "X * abs(W)")["formula"] == "X * abs(W)"
+    rows.append({"formula": "c", "ratio": 0.99})
+    assert choose(rows, "X * abs(W)")["formula"] == "c"
+    tie = [{"formula": "X * abs(W)", "ratio": 1.0}, {"formula": "a", "ratio": 1.0}]
+    assert choose(tie, "X * abs(W)")["formula"] == "X * abs(W)"  # a tie goes to the hand-made metric
 
 
 def test_random_module_is_untouched_by_the_engine():
