@@ -358,12 +358,16 @@ def _column_data(seed=5, rows=6, cols=8):
     return weight, {"X": x, "H": h}, env
 
 
+def _column_norms64(rows: int):
+    """colnorm and coll2 written directly in float64, for matrices with ``rows`` rows."""
+    return (functools.partial(_column_norm64, rows=rows, l2=False),
+            functools.partial(_column_norm64, rows=rows, l2=True))  # fmt: skip
+
+
 def _direct_scores(env):
     """Each formula written directly in float64 (no tree, no kernels)."""
     w, x, h = env["W"], env["X"], env["H"]
-    rows = w.shape[0]
-    coll2 = functools.partial(_column_norm64, rows=rows, l2=True)
-    colnorm = functools.partial(_column_norm64, rows=rows, l2=False)
+    colnorm, coll2 = _column_norms64(w.shape[0])
     return {
         "abs(W)": w.abs(),
         "-abs(W)": -w.abs(),
@@ -429,9 +433,7 @@ def _protected_div64(x, y):
 def _factor_scores(env):
     """Each formula written directly in float64 (no tree, no kernels)."""
     w, x, h = env["W"], env["X"], env["H"]
-    rows = w.shape[0]
-    coll2 = functools.partial(_column_norm64, rows=rows, l2=True)
-    colnorm = functools.partial(_column_norm64, rows=rows, l2=False)
+    colnorm, coll2 = _column_norms64(w.shape[0])
     return {
         "colnorm(abs(W))": colnorm(w.abs()),
         "coll2(abs(W))": coll2(w.abs()),
