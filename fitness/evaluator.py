@@ -36,10 +36,6 @@ def comparison_group(specs) -> str:
     return "matrix" if any(s.group == "matrix" and not s.is_nm for s in specs) else "row"
 
 
-def setting_label(spec: SparsitySpec) -> str:
-    return spec.describe()
-
-
 @dataclass(frozen=True)
 class FitnessConfig:
     specs: tuple[SparsitySpec, ...] = (SparsitySpec(0.5),)
@@ -145,11 +141,17 @@ class Evaluator:
                 per_spec.append(self._reconstruction_error(dense[rows], keep_rows, stats["hessian"]))
         return [sum(e) / len(e) for e in errors]
 
-    def _mask(self, scorer, spec: SparsitySpec, deadline: float) -> None:
-        """Every linear in place: dense weight times the candidate's keep-mask for ``spec``."""
-        for name, linear in self.linears.items():
-            dense, _, scores = self._scores(scorer, name, deadline)
-            torch.mul(dense, self._keep(scores, spec, name), out=linear.weight)
+    def _masks(self, scorer, deadline: float) -> list[dict[str, torch.Tensor]]:
+        """Per setting, every linear's keep-mask: each linear is scored once for all settings (one byte
+        per weight and setting is cheaper than scoring again), and a bad candidate fails before any
+        forward pass."""
+        specs = self.config.specs
+        masks: list[dict[str, torch.Tensor]] = [{} for _ in specs]
+        for name in self.linears:
+            _, _, scores = self._scores(scorer, name, deadline)
+            for per_spec, spec in zip(masks, specs):
+                per_spec[name] = self._keep(scores, spec, name)
+        return masks
 
     @staticmethod
     def _reconstruction_error(weight_rows, keep_rows, hessian) -> float:
@@ -164,14 +166,15 @@ class Evaluator:
         """Setting label -> proxy error or perplexity."""
         specs = self.config.specs
         if fidelity == "proxy":
-            return dict(zip(map(setting_label, specs), self._proxy(scorer, deadline)))
+            return dict(zip((spec.describe() for spec in specs), self._proxy(scorer, deadline)))
         values = {}
-        for spec in specs:
-            self._mask(scorer, spec, deadline)
+        for spec, keep in zip(specs, self._masks(scorer, deadline)):
+            for name, linear in self.linears.items():
+                torch.mul(self.dense[name], keep[name], out=linear.weight)
             ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
             if not math.isfinite(ppl):
-                raise CandidateFailed("nonfinite", f"perplexity overflowed at {setting_label(spec)}")
-            values[setting_label(spec)] = ppl
+                raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")
+            values[spec.describe()] = ppl
         return values
 
     @torch.no_grad()

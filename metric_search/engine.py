@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
+import torch
 from deap import gp
 
 from fitness.evaluator import comparison_group as specs_group
@@ -49,9 +50,25 @@ def comparison_group(settings: SearchSettings) -> str:
     return specs_group(settings.evaluator.specs)
 
 
+def _probe_inputs():
+    """Two weight matrices under one set of statistics (fixed, so the verdict is too)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(2, 8, 16, generator=generator)
+    stats = {"X": torch.rand(16, generator=generator) + 0.1, "H": torch.rand(16, generator=generator) + 0.1,
+             "G": torch.rand(8, 16, generator=generator)}  # fmt: skip
+    return weights, stats
+
+
+@lru_cache(maxsize=1 << 14)
 def reads_weight(canonical: str) -> bool:
-    """The canonical form still reads W (or U): not a constant, and not blind to the weight it ranks."""
-    return bool(terminal_names(parse_formula(canonical)) & WEIGHT_TERMINALS)
+    """The formula depends on the weight it ranks: its canonical form names W (or U), and two different
+    weight matrices get different scores (``abs(W / abs(W))`` names W but is 1 everywhere)."""
+    if not terminal_names(parse_formula(canonical)) & WEIGHT_TERMINALS:
+        return False
+    from primitives.scorer import FormulaScorer
+
+    scorer, (weights, stats) = FormulaScorer(canonical), _probe_inputs()
+    return not torch.equal(scorer.score(weights[0], stats), scorer.score(weights[1], stats))
 
 
 class Engine:

@@ -45,6 +45,11 @@ def bootstrap_interval(differences: np.ndarray, seed: int) -> tuple[float, float
     return float(interval.low), float(interval.high)
 
 
+def _ppl(window_nll: np.ndarray, tokens: int) -> float:
+    """Perplexity from summed NLLs of windows with ``tokens`` predicted tokens each."""
+    return math.exp(window_nll.sum() / (tokens * len(window_nll)))
+
+
 def verdict(low: float, high: float, same_as_reference: bool) -> str:
     if same_as_reference:
         return "is Wanda"
@@ -122,7 +127,7 @@ def final_check(
         low, high = (math.exp(v) for v in bootstrap_interval(differences, settings.seed))
         rows.append({
             "formula": key,
-            "ppl": {label: math.exp(nll[label].sum() / (tokens * len(nll[label]))) for label in e.patterns},
+            "ppl": {label: _ppl(nll[label], tokens) for label in e.patterns},
             "ratio": math.exp(float(differences.mean())),
             "ci": [low, high],
             "verdict": verdict(low, high, key == reference_key),
@@ -137,9 +142,7 @@ def final_check(
         "calib": e.calib,
         "nsamples": e.nsamples,
         "resamples": RESAMPLES,
-        "wanda": {
-            label: math.exp(reference[label].sum() / (tokens * len(reference[label]))) for label in e.patterns
-        },
+        "wanda": {label: _ppl(reference[label], tokens) for label in e.patterns},
         "rows": rows,
         "chosen": {k: chosen[k] for k in ("formula", "ratio", "ci", "verdict")},
     }

@@ -5,7 +5,6 @@ state; the memo on disk (candidates.jsonl) is a cache, so a resumed run takes th
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -227,11 +226,9 @@ class Search:
         head_ppl = value(candidates[head], "ppl")
         climbing = [k for k in needing(keys, candidates, "top") if value(candidates[k], "ppl") < head_ppl]
         self._store(evaluations.fetch(climbing, "top", tally, label), "top")
-        better = [
-            v
-            for v in variants
-            if (value(candidates[v.canonical], "top") or math.inf) < value(candidates[head], "top")
-        ]
+        head_top = value(candidates[head], "top")
+        tops = {v.canonical: value(candidates[v.canonical], "top") for v in variants}
+        better = [v for v in variants if tops[v.canonical] is not None and tops[v.canonical] < head_top]
         tally["tuned"] += len(better)
         if not better:
             return population

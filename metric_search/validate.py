@@ -10,7 +10,7 @@ from metric_search import rundir
 from metric_search.engine import comparison_group
 from metric_search.results import load_run
 from pruning_core.errors import UsageError
-from pruning_core.masks import parse_pattern
+from pruning_core.masks import parse_setting
 from pruning_core.scorers import SparsitySpec
 
 DEFAULT_PATTERNS = "run,2:4,4:8,0.6"
@@ -34,23 +34,13 @@ class Row:
     group: str | None = None  # None: the scorer's own default
 
 
-def _pattern_value(item: str) -> tuple[float, int, int]:
-    if ":" in item:
-        return parse_pattern(item, None)
-    try:
-        sparsity = float(item)
-    except ValueError as err:
-        raise UsageError(f"--patterns item {item!r} is not 'run', N:M or a sparsity like 0.6") from err
-    return parse_pattern(None, sparsity)
-
-
 def parse_patterns(text: str, run_patterns) -> list[tuple[str, tuple[float, int, int]]]:
     """'run,2:4,0.6' -> [(label, (sparsity, n, m))], without repeats; 'run' is every setting of the run."""
     patterns: dict[tuple, str] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        for value in map(_pattern_value, run_patterns if item == "run" else [item]):
+        for value in (parse_setting(p, "--patterns") for p in (run_patterns if item == "run" else [item])):
             label = f"{value[1]}:{value[2]}" if value[2] else f"{value[0]:.0%}"
             patterns.setdefault(value, label)
     if not patterns:

@@ -65,23 +65,24 @@ def parse_pattern(text: str | None, sparsity: float | None) -> tuple[float, int,
     return n / m, n, m
 
 
+def parse_setting(item: str, flag: str = "--settings") -> tuple[float, int, int]:
+    """One setting, N:M or a sparsity like 0.5, as (sparsity, n, m); a bad item is one line naming ``flag``."""
+    if ":" in item:
+        return parse_pattern(item, None)
+    try:
+        sparsity = float(item)
+    except ValueError as err:
+        raise UsageError(f"{flag} item {item!r} is neither a sparsity like 0.5 nor N:M like 2:4") from err
+    return parse_pattern(None, sparsity)
+
+
 def parse_settings(text: str) -> tuple[str, ...]:
     """``--settings 0.5,2:4`` -> normalized labels ('0.5', '2:4'), without repeats; each is checked."""
     labels: dict[str, None] = {}
     for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        if ":" in item:
-            _, n, m = parse_pattern(item, None)
-            labels[f"{n}:{m}"] = None
-            continue
-        try:
-            sparsity = float(item)
-        except ValueError as err:
-            raise UsageError(
-                f"--settings item {item!r} is neither a sparsity like 0.5 nor N:M like 2:4"
-            ) from err
-        labels[f"{parse_pattern(None, sparsity)[0]:g}"] = None
+        if item:
+            sparsity, n, m = parse_setting(item)
+            labels[f"{n}:{m}" if m else f"{sparsity:g}"] = None
     if not labels:
         raise UsageError("--settings is empty; pass e.g. --settings 0.5,2:4")
     return tuple(labels)

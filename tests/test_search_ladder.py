@@ -45,17 +45,23 @@ def test_generation_zero_is_distinct_deep_and_reads_the_weight(seed):
     keys = [ind.canonical for ind in population]
     assert len(population) == 40 and len(set(keys)) == 40
     assert keys[:2] == [canonical_key("abs(W) * X"), canonical_key("sqr(W) * mms(G)")]  # a repeated seed once
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(2, 8, 16, generator=generator)
+    stats = {"X": torch.rand(16, generator=generator) + 0.1, "H": torch.rand(16, generator=generator) + 0.1,
+             "G": torch.rand(8, 16, generator=generator)}  # fmt: skip
     for ind in population[2:]:
-        tree = parse_formula(ind.formula)
-        assert depth(tree) >= 2
-        canonical_terms = {t for t in ("W", "U") if t in ind.canonical.replace("abs", "")}
-        assert canonical_terms, ind.canonical  # reads the weight: the canonical text names W or U
-        assert reads_weight(ind.canonical)
+        assert depth(parse_formula(ind.formula)) >= 2
+        # reads the weight: two weight matrices under the same statistics score differently
+        scorer = FormulaScorer(ind.canonical)
+        assert not torch.equal(scorer.score(weights[0], stats), scorer.score(weights[1], stats)), (
+            ind.canonical
+        )
 
 
 def test_reads_weight_rejects_constants_and_weight_free_formulas():
     assert not reads_weight(canonical_key("W - W"))
     assert not reads_weight(canonical_key("X * H"))
+    assert not reads_weight(canonical_key("H * abs(W / abs(W))"))  # names W, but |sign(W)| = 1
     assert reads_weight(canonical_key("U + X"))
     assert reads_weight(canonical_key("abs(W) * X"))
 
