@@ -54,7 +54,16 @@ def build_parser():
     p.add_argument("--validation-seqlen", type=int, default=512, help="calibration and eval length (512)")
     p.add_argument("--validation-windows", type=int, default=16, help="WikiText-2 test windows (16; 0 = all)")
     p.add_argument("--settings", default="0.5,2:4", help="comma list: a sparsity like 0.5 or N:M (0.5,2:4)")
-    p.add_argument("--baselines", default="wanda,ria", help="comma list of built-in scorers (wanda,ria)")
+    p.add_argument(
+        "--baselines",
+        default="wanda,ria",
+        help="comma list of built-in scorers, each optionally with a weight update: wanda,ria,wanda+obs (wanda,ria)",
+    )
+    p.add_argument(
+        "--update",
+        default="none",
+        help="weight update of the searches (their --update) and of the chosen formulas' validation (none)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the search commands and stop")
     return p
 
@@ -154,7 +163,8 @@ def search_command(args, seed: int, run_dir: Path, resume: bool) -> list[str]:
     where = ["--resume", str(run_dir)] if resume else ["--run-dir", str(run_dir)]
     return [
         sys.executable, "-m", "metric_search", "--seed", str(seed), *where, "--json", "--quiet",
-        *model_flags(args), *shlex.split(args.search_args),
+        *model_flags(args), *(["--update", args.update] if args.update != "none" else []),
+        *shlex.split(args.search_args),
     ]  # fmt: skip
 
 
@@ -267,13 +277,22 @@ def measure_cell(args, target: list[str], flags: list[str], log: Path) -> dict:
     return {"ppl": out.get("ppl"), "sparsity": out.get("sparsity"), "seconds": round(seconds, 1)}
 
 
+def scorer_flags(name: str) -> list[str]:
+    """``wanda`` -> --scorer wanda; ``wanda+obs`` -> --scorer wanda --update obs."""
+    scorer, _, update = name.partition("+")
+    return ["--scorer", scorer, *(["--update", update] if update else [])]
+
+
 def validate(
     args, formulas: list[str], baselines: list[str], settings: dict, runs: Path, cells: dict
 ) -> dict:
     """Every (formula or baseline, setting) cell -> {ppl, ...}; each finished cell is saved at once."""
     path, log = runs / "validation.json", runs / "validation.log"
-    targets = {f"scorer:{name}": ["--scorer", name] for name in baselines}
-    targets.update({f"formula:{f}": ["--formula", f, "--group", "row"] for f in formulas})
+    targets = {f"scorer:{name}": scorer_flags(name) for name in baselines}
+    update = [] if args.update == "none" else ["--update", args.update]
+    targets.update(
+        {formula_label(f, args.update): ["--formula", f, "--group", "row", *update] for f in formulas}
+    )
     for label, target in targets.items():
         for setting, flags in settings.items():
             key = f"{label} @ {setting}"
@@ -294,12 +313,16 @@ def baseline_table(cells: dict, baselines: list[str], settings: dict) -> dict:
     }
 
 
-def seed_settings(record: dict, cells: dict, base: dict) -> dict:
+def formula_label(formula: str, update: str) -> str:
+    return f"formula:{formula}" + ("" if update == "none" else f"+{update}")
+
+
+def seed_settings(record: dict, cells: dict, base: dict, update: str) -> dict:
     per = {}
     for setting, ppls in base.items():
         measured = {name: ppl for name, ppl in ppls.items() if ppl is not None}
         best = min(measured, key=measured.get) if measured else None
-        cell = cells.get(f"formula:{record['formula']} @ {setting}", {})
+        cell = cells.get(f"{formula_label(record['formula'], update)} @ {setting}", {})
         ppl, best_ppl = cell.get("ppl"), measured.get(best)
         per[setting] = {
             "ppl": ppl,
@@ -316,7 +339,7 @@ def summarize(args, records: list[dict], cells: dict, baselines: list[str], sett
     base = baseline_table(cells, baselines, settings)
     for record in records:
         if not record.get("error"):
-            record["settings"] = seed_settings(record, cells, base)
+            record["settings"] = seed_settings(record, cells, base, args.update)
     ok = [r for r in records if not r.get("error")]
     medians = {}
     for s in settings:
@@ -329,6 +352,7 @@ def summarize(args, records: list[dict], cells: dict, baselines: list[str], sett
         "model": args.model,
         "seeds": [r["seed"] for r in records],
         "search_args": args.search_args,
+        "update": args.update,
         "settings": list(settings),
         "baselines": baselines,
         "validation": protocol(args),
@@ -373,7 +397,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Search quality: {result['model']}",
         "",
-        f"Seeds {', '.join(map(str, result['seeds']))}; search args `{result['search_args'] or '-'}`. Validation: "
+        f"Seeds {', '.join(map(str, result['seeds']))}; search args `{result['search_args'] or '-'}`, update `{result.get('update', 'none')}`. Validation: "
         f"C4 calibration {v['nsamples']} x {v['seqlen']}, seed 0; WikiText-2 test ppl, "
         f"{v['max_windows'] or 'all'} windows. Ratio = formula ppl / best of {', '.join(result['baselines'])}.",
         "",

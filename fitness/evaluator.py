@@ -21,13 +21,17 @@ from pruning_core.gradients import prunable_linears
 from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers.base import SparsitySpec
+from pruning_core.scorers.sparsegpt import inverse_hessian_factor, live_weight, obs_fixed_mask
 
 REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
 # Failures of the machine, not of the formula: never kept as a formula's result (a resume retries them).
 TRANSIENT = ("timeout", "oom", "lost")
 FIDELITIES = ("proxy", "ppl", "top")  # the ladder, cheapest first
 PROXY_ROWS = 32  # rows per linear sampled for the reconstruction proxy
-PROXY_FLOOR = 1e-20  # a zero error would make the geometric mean -inf
+PROXY_FLOOR = 1e-20
+# Columns per lazy block of the obs update: the same result for any size; small blocks trade the
+# elementwise in-block work (which dominates on stacked layers) for fast matrix products.
+UPDATE_BLOCK = 32  # a zero error would make the geometric mean -inf
 
 
 def comparison_group(specs) -> str:
@@ -44,6 +48,7 @@ class FitnessConfig:
     seqlen: int = 256
     timeout_s: float = 600.0
     top_windows: int = 16
+    update: str = "none"  # "none" or "obs": the weight update after each candidate's mask
 
 
 class CandidateFailed(Exception):
@@ -80,6 +85,8 @@ class Evaluator:
         self.dense = {name: linear.weight.detach().clone() for name, linear in self.linears.items()}
         tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
+        self._factors: dict[str, torch.Tensor] = {}  # hessian key -> inverse-Hessian factor (obs update)
+        self._stacked = None  # built on the first update (see _stacks)
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(w.shape[0], generator=generator)[:PROXY_ROWS].to(w.device)
@@ -128,18 +135,72 @@ class Evaluator:
         """Mean relative reconstruction error over the linears, per setting; nothing is masked. Row and
         N:M masks of the sampled rows need only those rows' scores; a matrix mask needs them all."""
         specs = self.config.specs
-        errors = [[] for _ in specs]
+        keeps: list[dict[str, torch.Tensor]] = [{} for _ in specs]
         for name in self.linears:
-            dense, stats, scores = self._scores(scorer, name, deadline)
+            _, _, scores = self._scores(scorer, name, deadline)
             rows = self.proxy_rows[name]
-            for per_spec, spec in zip(errors, specs):
+            for per_spec, spec in zip(keeps, specs):
                 self._check(scores, spec, name)
                 if spec.group == "matrix" and not spec.is_nm:
-                    keep_rows = keep_mask(scores, spec)[rows]
+                    per_spec[name] = keep_mask(scores, spec)[rows]
                 else:
-                    keep_rows = keep_mask(scores[rows], spec)
-                per_spec.append(self._reconstruction_error(dense[rows], keep_rows, stats["hessian"]))
-        return [sum(e) / len(e) for e in errors]
+                    per_spec[name] = keep_mask(scores[rows], spec)
+        return [self._proxy_error(keep) for keep in keeps]
+
+    def _proxy_error(self, keep_rows: dict[str, torch.Tensor]) -> float:
+        """Mean over linears of ||dW X||^2 / ||W X||^2 on the sampled rows, from the Hessians (no forward
+        pass); dW removes the pruned weights, then (with an update) moves the kept ones."""
+        errors = []
+        for names in self._shape_groups():
+            hessians = [self.stats.linear_stats(n)["hessian"] for n in names]
+            rows = torch.stack(
+                [live_weight(self.dense[n][self.proxy_rows[n]], h) for n, h in zip(names, hessians)]
+            )
+            pruned = ~torch.stack([keep_rows[n] for n in names])
+            if self.config.update == "none":
+                changes = -rows * pruned
+            else:
+                factors = torch.stack([self._factor(n) for n in names])
+                changes = obs_fixed_mask(rows, factors, pruned, UPDATE_BLOCK) - rows
+            for hessian, w, change in zip(hessians, rows, changes):
+                base = (w @ hessian * w).sum().clamp_min(1e-20)
+                errors.append(float((change @ hessian * change).sum() / base))
+        return sum(errors) / len(errors)
+
+    def _shape_groups(self) -> list[list[str]]:
+        """Linear names grouped by weight shape: stacked, a group runs the obs column loop once."""
+        by_shape: dict[tuple, list[str]] = {}
+        for name, weight in self.dense.items():
+            by_shape.setdefault(tuple(weight.shape), []).append(name)
+        return list(by_shape.values())
+
+    def _factor(self, name: str) -> torch.Tensor:
+        """The upper Cholesky factor of the damped inverse Hessian; it depends on the Hessian only, so
+        it is computed once per distinct Hessian (q/k/v share one) for every candidate."""
+        key = self.stats.hessian_of[name]
+        if key not in self._factors:
+            self._factors[key] = inverse_hessian_factor(self.stats.linear_stats(name)["hessian"].float())
+        return self._factors[key]
+
+    def _stacks(self) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        """Per shape group: the dense weights (dead inputs zeroed) and the factors, stacked once."""
+        if self._stacked is None:
+            self._stacked = []
+            for names in self._shape_groups():
+                hessians = [self.stats.linear_stats(n)["hessian"] for n in names]
+                weights = torch.stack([live_weight(self.dense[n], h) for n, h in zip(names, hessians)])
+                self._stacked.append((names, weights, torch.stack([self._factor(n) for n in names])))
+        return self._stacked
+
+    def _apply_update(self, keep: dict[str, torch.Tensor], deadline: float) -> None:
+        """Every linear = the obs update of its dense weight under its keep-mask."""
+        for names, weights, factors in self._stacks():
+            if time.monotonic() > deadline:
+                raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
+            pruned = ~torch.stack([keep[n] for n in names])
+            updated_stack = obs_fixed_mask(weights, factors, pruned, UPDATE_BLOCK)
+            for name, updated in zip(names, updated_stack):
+                self.linears[name].weight.copy_(updated)
 
     def _masks(self, scorer, deadline: float) -> list[dict[str, torch.Tensor]]:
         """Per setting, every linear's keep-mask: each linear is scored once for all settings (one byte
@@ -153,15 +214,6 @@ class Evaluator:
                 per_spec[name] = self._keep(scores, spec, name)
         return masks
 
-    @staticmethod
-    def _reconstruction_error(weight_rows, keep_rows, hessian) -> float:
-        """||dW X||^2 / ||W X||^2 on sampled rows, from the Hessian (no forward pass)."""
-        w = weight_rows.float()
-        removed = w * (~keep_rows)
-        err = (removed @ hessian * removed).sum()
-        base = (w @ hessian * w).sum().clamp_min(1e-20)
-        return float(err / base)
-
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
         """Setting label -> proxy error or perplexity."""
         specs = self.config.specs
@@ -169,8 +221,11 @@ class Evaluator:
             return dict(zip((spec.describe() for spec in specs), self._proxy(scorer, deadline)))
         values = {}
         for spec, keep in zip(specs, self._masks(scorer, deadline)):
-            for name, linear in self.linears.items():
-                torch.mul(self.dense[name], keep[name], out=linear.weight)
+            if self.config.update == "none":
+                for name, linear in self.linears.items():
+                    torch.mul(self.dense[name], keep[name], out=linear.weight)
+            else:
+                self._apply_update(keep, deadline)
             ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
             if not math.isfinite(ppl):
                 raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")

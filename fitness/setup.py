@@ -28,6 +28,7 @@ class EvaluatorSettings:
     top_windows: int = 16
     fitness_seqlen: int = 256
     timeout_s: float = 600.0
+    update: str = "none"  # weight update after each candidate's mask: none or obs
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -61,5 +62,6 @@ def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Eval
         settings.fitness_seqlen,
         settings.timeout_s,
         settings.top_windows,
+        settings.update,
     )
     return Evaluator(model, tokenizer, stats, config, settings.data_dir)

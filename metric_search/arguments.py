@@ -66,6 +66,11 @@ def search_parser() -> OneLineParser:
     f.add_argument("--sparsity", type=float, help="one unstructured setting instead of --settings")
     f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
     f.add_argument("--group", help="row or matrix (row)")
+    f.add_argument(
+        "--update",
+        help="weight update after each candidate's mask: none, or obs (SparseGPT's update for a fixed "
+        "mask: the search then looks for the best mask for that update) (none)",
+    )
     f.add_argument("--calib", help="calibration corpus (c4)")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
     f.add_argument("--seqlen", type=int, help=f"calibration window length ({_both('seqlen')})")
@@ -196,7 +201,7 @@ def settings_from_args(args) -> SearchSettings:
         fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
         top_windows=pick("top_windows", profile["top_windows"]),
         fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
-        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]),
+        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", "none"),
     )  # fmt: skip
     min_depth, max_depth = _init_depth(args.init_depth)
     defaults = SearchSettings(generations=profile["generations"], population=profile["population"])

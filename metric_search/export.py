@@ -13,7 +13,7 @@ from metric_search.results import load_run
 from metric_search.rundir import atomic_write_text
 from primitives.scorer import FormulaScorer
 from pruning_core.errors import UsageError
-from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, user_plugin_dir, validate_plugin
+from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, plugin_stats, user_plugin_dir, validate_plugin
 from pruning_core.scorers.base import registered
 
 
@@ -28,13 +28,15 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
     formula = entry["formula"]
     group = comparison_group(run.settings)
     pattern = ",".join(evaluator.patterns)
+    update = {"update": evaluator.update} if evaluator.update != "none" else {}
     return {
         "format": PLUGIN_FORMAT,
         "version": PLUGIN_VERSION,
         "name": name,
         "formula": formula,
-        "stats": list(FormulaScorer(formula, group=group).stats),
+        "stats": plugin_stats(FormulaScorer(formula, group=group).stats, evaluator.update),
         "group": group,
+        **update,
         "description": f"rank {rank} of metric_search run {run.config['run_id']} ({evaluator.model}, {pattern})",
         "provenance": {
             "run_id": run.config["run_id"],

@@ -1,7 +1,7 @@
 """The final check: the hall of fame's best formulas against Wanda, as a user would prune with them.
 
 Each formula and Wanda prune a fresh model with the pruning core's sequential driver at every setting
-of the run, and are measured on windows of the fitness corpus that the search never read (those after
+of the run (followed by the run's weight update, if any: Wanda gets the same one), and are measured on windows of the fitness corpus that the search never read (those after
 its top-rung windows). The comparison is paired over windows: per window, the mean over settings of
 the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
 and a bootstrap over windows gives its noise. "Better than Wanda" means the whole interval is below 1.
@@ -114,15 +114,20 @@ def final_check(
     """The best ``settings.final_top`` formulas of the hall of fame against Wanda (see module doc)."""
     from primitives.scorer import FormulaScorer
     from pruning_core.scorers import get_scorer
+    from pruning_core.updates import with_update
 
     e = settings.evaluator
     measurer = _Measurer(settings, progress)
     tokens = measurer.windows.shape[1] - 1
-    reference = measurer.nll(get_scorer(REFERENCE))
+    reference = measurer.nll(with_update(get_scorer(REFERENCE), e.update))
     reference_key = canonical_key(KNOWN_FORMULAS[REFERENCE], group)
     rows = []
     for key in hall_of_fame[: settings.final_top]:
-        nll = reference if key == reference_key else measurer.nll(FormulaScorer(key, group=group))
+        nll = (
+            reference
+            if key == reference_key
+            else measurer.nll(with_update(FormulaScorer(key, group=group), e.update))
+        )
         differences = paired_log_ratios(nll, reference, tokens)
         low, high = (math.exp(v) for v in bootstrap_interval(differences, settings.seed))
         rows.append({
@@ -141,6 +146,7 @@ def final_check(
         "seqlen": e.fitness_seqlen,
         "calib": e.calib,
         "nsamples": e.nsamples,
+        "update": e.update,
         "resamples": RESAMPLES,
         "wanda": {label: _ppl(reference[label], tokens) for label in e.patterns},
         "rows": rows,

@@ -135,9 +135,13 @@ def _describe(config: dict) -> str:
         f"Model `{e['model']}`, settings {', '.join(e['patterns'])} (group `{e['group']}`), seed "
         f"{settings['seed']}, population {settings['population']}. Fitness: the geometric mean over the settings "
         f"of the perplexity on {e['fitness_seqlen']}-token windows of `{e['fitness_data']}` after one-shot pruning "
-        f"with statistics from {e['nsamples']} x {e['calib_seqlen']} tokens of `{e['calib']}`; {ladder}. "
+        f"{_update_text(e.get('update', 'none'))}with statistics from {e['nsamples']} x {e['calib_seqlen']} tokens of `{e['calib']}`; {ladder}. "
         "Formulas compare at the highest rung both reached; the hall of fame ranks the top rung first."
     )
+
+
+def _update_text(update: str) -> str:
+    return "" if update == "none" else f"each mask followed by the `{update}` weight update (Wanda's too), "
 
 
 def _final_section(final: dict | None) -> list[str]:
@@ -166,7 +170,8 @@ def _final_section(final: dict | None) -> list[str]:
         f"The hall of fame's best {len(final['rows'])} pruned by the sequential driver (the protocol a user prunes "
         f"with), {final['nsamples']} x {final['seqlen']} calibration tokens of `{final['calib']}`, perplexity on "
         f"{final['windows']} windows of `{final['data']}` that the fitness never read (windows "
-        f"{final['first_window']}-{final['first_window'] + final['windows'] - 1}). Wanda: "
+        f"{final['first_window']}-{final['first_window'] + final['windows'] - 1}); "
+        f"{_update_text(final.get('update', 'none'))}Wanda: "
         + ", ".join(f"{label} {final['wanda'][label]:.5g}" for label in final["settings"])
         + ". Ratio: exp of the mean over settings of log(ppl / Wanda's ppl); the interval is a paired bootstrap "
         f"over windows ({final['resamples']} resamples). A formula is better than Wanda only when the whole "

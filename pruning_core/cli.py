@@ -96,12 +96,13 @@ def cmd_prune(args) -> int:
     from pruning_core.masks import parse_pattern
     from pruning_core.plugins import add_plugin_dir
     from pruning_core.scorers import SparsitySpec, resolve_scorer
+    from pruning_core.updates import with_update
 
     _check_eval_flags(args)
     sparsity, n, m = parse_pattern(args.pattern, args.sparsity)
     if args.plugins:
         add_plugin_dir(args.plugins)
-    scorer = resolve_scorer(args.scorer, args.formula, args.group)
+    scorer = with_update(resolve_scorer(args.scorer, args.formula, args.group), args.update)
     group = args.group or scorer.default_group
     if group not in ("row", "matrix"):
         raise UsageError(f"unknown --group {group!r}; use row or matrix")
@@ -139,6 +140,7 @@ def cmd_prune(args) -> int:
         "sparsity_target": sparsity,
         "pattern": spec.describe(),
         "group": group,
+        "update": args.update,
         "calib": args.calib,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
@@ -232,6 +234,12 @@ def build_parser() -> OneLineParser:
     pr.add_argument("--sparsity", type=float, default=0.5)
     pr.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
     pr.add_argument("--group", default=None, help="row or matrix (default: the scorer's paper)")
+    pr.add_argument(
+        "--update",
+        default="none",
+        help="weight update after the scorer's mask: none, obs (SparseGPT's sequential update) or "
+        "refit (exact least squares of the kept weights per row)",
+    )
     pr.add_argument("--calib", default="c4")
     pr.add_argument("--nsamples", type=int, default=128)
     pr.add_argument("--seed", type=int, default=0)

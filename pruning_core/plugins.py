@@ -15,14 +15,15 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from pruning_core.errors import UsageError
-from pruning_core.scorers.base import registered
+from pruning_core.scorers.base import STAT_NAMES, registered
+from pruning_core.updates import UPDATE_CHOICES, UPDATES
 
 PLUGIN_FORMAT = "metric-search-scorer"
 PLUGIN_VERSION = 1
 PLUGIN_ENTRY_POINTS = "pruning_core.plugins"
 MAX_PLUGIN_BYTES = 64 * 1024
 _REQUIRED = {"format": str, "version": int, "name": str, "formula": str, "stats": list, "group": str}
-_OPTIONAL = {"provenance": dict, "description": str}
+_OPTIONAL = {"provenance": dict, "description": str, "update": str}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 _extra_dirs: list[Path] = []
@@ -76,6 +77,10 @@ def validate_plugin(data, origin: str) -> dict:
         )
     if data["group"] not in ("row", "matrix"):
         raise UsageError(f"plugin {origin} has group {data['group']!r}; use 'row' or 'matrix'")
+    if data.get("update", "none") not in UPDATE_CHOICES:
+        raise UsageError(
+            f"plugin {origin} has update {data['update']!r}; use one of: {', '.join(UPDATE_CHOICES)}"
+        )
     return data
 
 
@@ -89,8 +94,15 @@ def read_plugin_file(path: Path) -> dict:
     return validate_plugin(data, str(path))
 
 
+def plugin_stats(formula_stats, update: str) -> list[str]:
+    """The statistics a plugin reads: its formula's, plus the Hessian when it updates weights."""
+    wanted = set(formula_stats) | ({"hessian"} if update != "none" else set())
+    return [s for s in STAT_NAMES if s in wanted]
+
+
 class PluginScorer:
-    """A registered formula scorer that remembers where it came from."""
+    """A registered formula scorer that remembers where it came from; with an ``update`` it is a
+    solver (the formula's mask, then that weight update)."""
 
     def __init__(self, data: dict, origin: str):
         from pruning_core.formula import formula_scorer
@@ -101,7 +113,8 @@ class PluginScorer:
             raise UsageError(f"plugin {origin}: {err}") from err
         self.name = data["name"]
         self.formula = data["formula"]
-        self.stats = tuple(self._formula.stats)
+        self.update = data.get("update", "none")
+        self.stats = tuple(plugin_stats(self._formula.stats, self.update))
         if data["stats"] != list(self.stats):  # the file must say exactly what the formula reads
             raise UsageError(
                 f"plugin {origin} lists stats {data['stats']!r} but its formula reads {list(self.stats)}; "
@@ -113,6 +126,13 @@ class PluginScorer:
 
     def score(self, weight, stats):
         return self._formula.score(weight, stats)
+
+
+class UpdatingPluginScorer(PluginScorer):
+    def prune(self, weight, stats, spec):
+        from pruning_core.sequential import keep_of
+
+        return UPDATES[self.update](weight, stats, keep_of(self._formula, weight, stats, spec))
 
 
 def _discovered() -> list[tuple[dict, str]]:
@@ -140,7 +160,8 @@ def load_plugins() -> list[str]:
             raise UsageError(
                 f"plugin {origin} is named {data['name']!r}, which is already a scorer; rename it"
             )
-        scorer = PluginScorer(data, origin)
+        kind = PluginScorer if data.get("update", "none") == "none" else UpdatingPluginScorer
+        scorer = kind(data, origin)
         register(scorer)
         existing[scorer.name] = scorer
         names.append(scorer.name)

@@ -19,10 +19,10 @@ from pruning_core.masks import keep_mask
 from pruning_core.scorers.base import SparsitySpec
 
 
-def prune_weight(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) -> torch.Tensor:
-    """The pruned (and for solvers, updated) weight in float32; pure: ``weight`` is not modified."""
+def keep_of(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) -> torch.Tensor:
+    """The keep-mask ``scorer`` chooses for ``weight`` (a solver's mask is its nonzero pattern)."""
     if hasattr(scorer, "prune"):
-        return scorer.prune(weight.float(), stats, spec)
+        return scorer.prune(weight.float(), stats, spec) != 0
     scores = scorer.score(weight.float(), stats)
     if scores.shape != weight.shape:
         raise UsageError(
@@ -30,7 +30,14 @@ def prune_weight(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) 
         )
     if not torch.isfinite(scores).all():
         raise UsageError(f"scorer {scorer.name!r} produced NaN/inf scores; fix the formula or the statistics")
-    return weight.float() * keep_mask(scores, spec)
+    return keep_mask(scores, spec)
+
+
+def prune_weight(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) -> torch.Tensor:
+    """The pruned (and for solvers, updated) weight in float32; pure: ``weight`` is not modified."""
+    if hasattr(scorer, "prune"):
+        return scorer.prune(weight.float(), stats, spec)
+    return weight.float() * keep_of(scorer, weight, stats, spec)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from fitness.memo import Memo
 from fitness.setup import EvaluatorSettings, build_evaluator
 from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.gradients import prunable_linears
 from pruning_core.models import load_model
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers import SparsitySpec, get_scorer
@@ -155,3 +156,48 @@ def test_memo_persists_and_skips_torn_lines(tmp_path):
     assert again.get("W", "ppl")["fitness"] == math.inf
     again.put("sqr(W)", "ppl", {"fitness": 3.0, "reason": None})
     assert Memo(path).get("sqr(W)", "ppl")["fitness"] == 3.0  # appended after the torn tail was dropped
+
+
+def test_obs_update_fitness_equals_perplexity_of_independently_updated_weights(settings):
+    """update=obs: every linear = SparseGPT's OBS update of its dense weight under the candidate's mask
+    (one layer at a time here; the evaluator stacks layers of one shape), then the same windows."""
+    from pruning_core.masks import keep_mask
+    from pruning_core.scorers.sparsegpt import obs_prune_with_mask
+
+    settings = replace(settings, patterns=("0.5", "2:4"), update="obs")
+    evaluator = build_evaluator(settings)
+    scorer = get_scorer("wanda")
+    result = evaluator.evaluate(scorer, "ppl")
+
+    model, _ = load_model(settings.model)
+    linears = dict(prunable_linears(model))
+    windows = evaluator.windows_for("ppl")
+    for label, spec in zip(settings.patterns, settings.specs):
+        with torch.no_grad():
+            for name, dense in evaluator.dense.items():
+                stats = evaluator.stats.linear_stats(name)
+                keep = keep_mask(scorer.score(dense.float(), stats), spec)
+                linears[name].weight.copy_(obs_prune_with_mask(dense, stats["hessian"], keep))
+        expected = perplexity(model, windows, progress=False)["ppl"]
+        assert result["values"][label] == pytest.approx(expected, rel=1e-4)
+
+
+def test_obs_update_proxy_is_the_output_error_of_the_updated_rows(settings):
+    from pruning_core.masks import keep_mask
+    from pruning_core.scorers.sparsegpt import obs_prune_with_mask
+
+    settings = replace(settings, patterns=("0.5", "2:4"), update="obs")
+    evaluator = build_evaluator(settings)
+    scorer = get_scorer("wanda")
+    result = evaluator.evaluate(scorer, "proxy")
+    for label, spec in zip(settings.patterns, settings.specs):
+        errors = []
+        for name, dense in evaluator.dense.items():
+            stats = evaluator.stats.linear_stats(name)
+            rows = evaluator.proxy_rows[name]
+            keep = keep_mask(scorer.score(dense.float(), stats), spec)[rows]
+            w = dense[rows].double()
+            change = obs_prune_with_mask(dense[rows], stats["hessian"], keep).double() - w
+            hessian = stats["hessian"].double()
+            errors.append(float((change @ hessian * change).sum() / (w @ hessian * w).sum()))
+        assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4)

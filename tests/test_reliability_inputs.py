@@ -68,6 +68,8 @@ SEARCH_FLAGS = {
     "init-depth": (["--init-depth", "3"], "--init-depth must be MIN:MAX"),
     "group": (["--group", "column"], "unknown --group 'column'"),
     "calib": (["--calib", "nope"], "unknown --calib 'nope'"),
+    "update-refit": (["--update", "refit"], "refit is too slow for the fitness loop"),
+    "update-unknown": (["--update", "magic"], "--update 'magic' is not available to the search"),
     "unknown-flag": (["--bogus"], "unrecognized arguments: --bogus"),
     "address-malformed": (["--address", "nowhere"], "--address must be 'auto' or HOST:PORT"),
 }  # fmt: skip
@@ -232,6 +234,7 @@ PRUNE_FLAGS = {
     "unknown-scorer": (["--scorer", "nope"], "unknown scorer 'nope'"),
     "scorer-and-formula": (["--scorer", "wanda", "--formula", "abs(W)"], "pass exactly one of --scorer"),
     "unknown-statistic": (["--formula", "abs(W) * Q"], "unknown name 'Q'"),
+    "unknown-update": (["--scorer", "wanda", "--update", "magic"], "unknown update 'magic'"),
     **{f"hostile-{name}": (["--formula", text], words) for name, (text, words) in HOSTILE_FORMULAS.items()},
 }  # fmt: skip
 

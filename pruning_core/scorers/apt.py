@@ -26,7 +26,7 @@ import torch
 
 from pruning_core.linalg import damped_hessian
 from pruning_core.scorers.base import Solver, SparsitySpec, register
-from pruning_core.scorers.sparsegpt import BLOCK_SIZE, PERCDAMP, dead_inputs, sparsegpt_prune
+from pruning_core.scorers.sparsegpt import BLOCK_SIZE, PERCDAMP, live_weight, sparsegpt_prune
 
 # float32 elements one chunk of rows may gather (sub-matrices plus dense right-hand sides): 256 MiB
 CHUNK_ELEMENTS = 2**26
@@ -106,9 +106,7 @@ def apt_prune(
 ) -> torch.Tensor:
     """APT on one layer: SparseGPT's mask, then the exact joint update; float32, pruned entries 0."""
     pruned = sparsegpt_prune(weight, hessian, spec, block_size, percdamp)[1]
-    w = weight.float().clone()
-    w[:, dead_inputs(hessian.to(w.device))] = 0.0
-    return exact_obs_update(w, hessian, pruned, percdamp, chunk_elements)
+    return exact_obs_update(live_weight(weight, hessian), hessian, pruned, percdamp, chunk_elements)
 
 
 @register

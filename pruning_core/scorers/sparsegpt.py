@@ -97,14 +97,43 @@ def _sequential_obs(
     return w, pruned
 
 
+def live_weight(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of the weight with the inputs calibration never saw zeroed (as the paper)."""
+    w = weight.float().clone()
+    w[:, dead_inputs(hessian.to(w.device))] = 0.0
+    return w
+
+
 def _prepare(
     weight: torch.Tensor, hessian: torch.Tensor, percdamp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (float32, dead inputs zeroed) and the inverse-Hessian factor, on the weight's device."""
     hessian = hessian.to(device=weight.device, dtype=torch.float32)
+    return live_weight(weight, hessian), inverse_hessian_factor(hessian, percdamp)
+
+
+def obs_fixed_mask(
+    weight: torch.Tensor, factor: torch.Tensor, pruned: torch.Tensor, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """The sequential OBS update of ``_sequential_obs`` for a mask fixed in advance, over any leading
+    batch dimensions: weight and pruned (..., rows, cols), factor (..., cols, cols). Stacking layers of
+    one shape runs the column loop once for all of them. Pruned entries come out exactly 0."""
     w = weight.float().clone()
-    w[:, dead_inputs(hessian)] = 0.0
-    return w, inverse_hessian_factor(hessian, percdamp)
+    cols = w.shape[-1]
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = w[..., start:end].clone()
+        block_factor = factor[..., start:end, start:end]
+        block_diag = torch.diagonal(block_factor, dim1=-2, dim2=-1)
+        block_pruned = pruned[..., start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            error = torch.where(block_pruned[..., j], block[..., j], 0.0) / block_diag[..., j : j + 1]
+            block[..., j:] -= error.unsqueeze(-1) * block_factor[..., j : j + 1, j:]
+            errors[..., j] = error
+        w[..., start:end] = block.masked_fill(block_pruned, 0.0)
+        w[..., end:] -= errors @ factor[..., start:end, end:]
+    return w
 
 
 def obs_prune_with_mask(
@@ -113,16 +142,16 @@ def obs_prune_with_mask(
     keep: torch.Tensor,
     block_size: int = BLOCK_SIZE,
     percdamp: float = PERCDAMP,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseGPT's sequential OBS update for a fixed boolean keep mask (out x in); float32 result
-    with the pruned entries exactly 0."""
-    w, factor = _prepare(weight, hessian, percdamp)
-    pruned = ~keep.to(device=w.device, dtype=torch.bool)
-
-    def fixed(first: int, span_weights: torch.Tensor, _diag: torch.Tensor) -> torch.Tensor:
-        return pruned[:, first : first + span_weights.shape[1]]
-
-    return _sequential_obs(w, factor, fixed, block_size, block_size)[0]
+    with the pruned entries exactly 0. ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` if
+    the caller already has it (it depends on the Hessian only, not on the mask)."""
+    if factor is None:
+        w, factor = _prepare(weight, hessian, percdamp)
+    else:
+        w = live_weight(weight, hessian)
+    return obs_fixed_mask(w, factor, ~keep.to(device=w.device, dtype=torch.bool), block_size)
 
 
 def _check_spec(spec: SparsitySpec, cols: int) -> None:
