@@ -279,8 +279,10 @@ def measure_cell(args, target: list[str], flags: list[str], log: Path) -> dict:
 
 def scorer_flags(name: str) -> list[str]:
     """``wanda`` -> --scorer wanda; ``wanda+obs`` -> --scorer wanda --update obs."""
-    scorer, _, update = name.partition("+")
-    return ["--scorer", scorer, *(["--update", update] if update else [])]
+    from pruning_core.updates import split_update
+
+    scorer, update = split_update(name)
+    return ["--scorer", scorer, *(["--update", update] if update != "none" else [])]
 
 
 def validate(

@@ -8,6 +8,7 @@ from pruning_core.models import cache_dir, load_model
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.pruning import calibrate_and_prune
 from pruning_core.scorers import SparsitySpec, resolve_scorer
+from pruning_core.updates import with_update
 
 
 def validate_scorer(
@@ -29,10 +30,12 @@ def validate_scorer(
     progress: bool = False,
     tasks: str | None = None,
     limit: int | None = None,
+    update: str = "none",
 ) -> dict:
     """Prune a fresh copy of the model with a named scorer or a formula and return its test ppl (and,
-    with ``tasks``, its zero-shot accuracies, ``limit`` documents per task)."""
-    scorer = resolve_scorer(scorer_name, formula, spec.group)
+    with ``tasks``, its zero-shot accuracies, ``limit`` documents per task), after the weight update
+    ``update`` (see pruning_core.updates)."""
+    scorer = with_update(resolve_scorer(scorer_name, formula, spec.group), update)
     model, tokenizer = load_model(model_spec, dtype, device, cache)
     calib_tokens = tokenize_corpus(tokenizer, load_rows(calib, data_dir))
     report = calibrate_and_prune(
@@ -52,6 +55,7 @@ def validate_scorer(
     validation = {
         "scorer": scorer_name or formula,
         "pattern": spec.describe(),
+        "update": update,
         "ppl": result["ppl"],
         "windows": result["windows"],
         "sparsity": report["sparsity"],

@@ -157,7 +157,14 @@ def cmd_validate(argv: list[str]) -> int:
     )
     p.add_argument("--top", type=int, help="hall-of-fame formulas to validate (cpu 1, gpu 3)")
     p.add_argument("--patterns", default=DEFAULT_PATTERNS, help=f"comma list ({DEFAULT_PATTERNS})")
-    p.add_argument("--baselines", default=DEFAULT_BASELINES, help=f"comma list ({DEFAULT_BASELINES})")
+    p.add_argument(
+        "--baselines",
+        default=DEFAULT_BASELINES,
+        help=f"comma list, each NAME or NAME+UPDATE like wanda+obs ({DEFAULT_BASELINES})",
+    )
+    p.add_argument(
+        "--update", default=None, help="weight update of the run's formulas: none, obs, refit (the run's)"
+    )
     p.add_argument("--nsamples", type=int, help="calibration windows (cpu 16, gpu 128)")
     p.add_argument("--seqlen", type=int, help="calibration and evaluation window length (cpu 256, gpu 2048)")
     p.add_argument("--max-windows", type=int, help="first N test windows (cpu 32, gpu all; 0 for all)")
@@ -190,7 +197,7 @@ def cmd_validate(argv: list[str]) -> int:
     result = validate_run(
         args.run_dir, patterns=args.patterns, baselines=args.baselines, calib=args.calib, device=args.device,
         dtype=args.dtype, data_dir=args.data_dir, cache=args.cache_dir, on_cell=show, progress=not args.json,
-        tasks=args.tasks, limit=args.limit, **chosen,
+        tasks=args.tasks, limit=args.limit, update=args.update, **chosen,
     )  # fmt: skip
     emit(result, args.json, f"wrote {Path(args.run_dir) / 'validation.md'}")
     return 0

@@ -32,6 +32,7 @@ class Row:
     scorer: str | None = None  # a registered scorer
     formula: str | None = None  # or a formula of the run
     group: str | None = None  # None: the scorer's own default
+    update: str = "none"  # weight update after the mask (pruning_core.updates)
 
 
 def parse_patterns(text: str, run_patterns) -> list[tuple[str, tuple[float, int, int]]]:
@@ -48,8 +49,10 @@ def parse_patterns(text: str, run_patterns) -> list[tuple[str, tuple[float, int,
     return [(label, value) for value, label in patterns.items()]
 
 
-def plan_rows(run, top: int, baselines: str) -> list[Row]:
+def plan_rows(run, top: int, baselines: str, update: str) -> list[Row]:
+    """The run's ``top`` formulas with ``update``, then each baseline (``name`` or ``name+update``)."""
     from pruning_core.scorers import resolve_scorer
+    from pruning_core.updates import check_update, split_update
 
     hall = run.state.hall_of_fame
     if top < 0:
@@ -59,10 +62,15 @@ def plan_rows(run, top: int, baselines: str) -> list[Row]:
             f"run {run.path} has {len(hall)} formulas in its hall of fame; pass --top {len(hall)} or less"
         )
     group = comparison_group(run.settings)
-    rows = [Row(f"#{rank} `{key}`", formula=key, group=group) for rank, key in enumerate(hall[:top], start=1)]
+    suffix = "" if check_update(update) == "none" else f" +{update}"
+    rows = [
+        Row(f"#{rank} `{key}`{suffix}", formula=key, group=group, update=update)
+        for rank, key in enumerate(hall[:top], start=1)
+    ]
     for name in (n.strip() for n in baselines.split(",")):
         if name:
-            rows.append(Row(name, scorer=resolve_scorer(name).name))
+            scorer, scorer_update = split_update(name)
+            rows.append(Row(name, scorer=resolve_scorer(scorer).name, update=scorer_update))
     if not rows:
         raise UsageError("nothing to validate; pass --top K and/or --baselines NAMES")
     return rows
@@ -139,8 +147,10 @@ def validate_run(
     on_cell=None,
     tasks: str | None = None,
     limit: int | None = None,
+    update: str | None = None,
 ) -> dict:
-    """Fill the table cell by cell (rewriting validation.md / .json each time); return its data."""
+    """Fill the table cell by cell (rewriting validation.md / .json each time); return its data. The
+    run's formulas get ``update`` (default: the run's own weight update)."""
     from fitness.validate import validate_scorer
 
     run = load_run(run_dir)
@@ -148,7 +158,7 @@ def validate_run(
     if nsamples < 1 or seqlen < 8 or (max_windows is not None and max_windows < 1):
         raise UsageError("--nsamples and --max-windows must be >= 1 and --seqlen >= 8")
     plan = parse_patterns(patterns, evaluator.patterns)
-    rows = plan_rows(run, top, baselines)
+    rows = plan_rows(run, top, baselines, evaluator.update if update is None else update)
     settings = {
         "nsamples": nsamples,
         "seqlen": seqlen,
@@ -185,6 +195,7 @@ def validate_run(
                 SparsitySpec(sparsity, n, m, group),
                 scorer_name=row.scorer,
                 formula=row.formula,
+                update=row.update,
                 **common,
             )
             records.append(
@@ -194,6 +205,7 @@ def validate_run(
                     "formula": row.formula,
                     "pattern": label,
                     "group": group,
+                    "update": row.update,
                     "ppl": result["ppl"],
                     "sparsity": result["sparsity"],
                     **({"zeroshot": result["zeroshot"]} if "zeroshot" in result else {}),

@@ -8,6 +8,20 @@ import torch
 from pruning_core.errors import UsageError
 from pruning_core.spec import SparsitySpec
 
+NETWORK_MAX_GROUP = 8  # N:M groups up to this size find their threshold with a sorting network
+
+
+def _kth_smallest_small_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) along a short last dim, by odd-even transposition sort: a few
+    elementwise min / max over the whole tensor, several times faster than kthvalue on groups of 4 or 8."""
+    values = list(groups.unbind(-1))
+    size = len(values)
+    for round_ in range(size):
+        for i in range(round_ % 2, size - 1, 2):
+            low, high = torch.minimum(values[i], values[i + 1]), torch.maximum(values[i], values[i + 1])
+            values[i], values[i + 1] = low, high
+    return values[k - 1].unsqueeze(-1)
+
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over the last dim of ``scores`` with the ``k`` lowest entries of every slice removed.
@@ -20,7 +34,10 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k >= scores.shape[-1]:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    if scores.shape[-1] <= NETWORK_MAX_GROUP:
+        threshold = _kth_smallest_small_groups(scores, k)
+    else:
+        threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
     keep = scores > threshold
     if bool((keep.sum(dim=-1) == scores.shape[-1] - k).all()):  # no tie at any threshold: done
         return keep

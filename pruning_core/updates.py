@@ -65,6 +65,12 @@ class WithUpdate(Solver):
         return UPDATES[self.update](weight, stats, keep_of(self.scorer, weight, stats, spec))
 
 
+def split_update(name: str) -> tuple[str, str]:
+    """'wanda+obs' -> ('wanda', 'obs'); 'wanda' -> ('wanda', 'none'): a baseline with a weight update."""
+    scorer, _, update = name.partition("+")
+    return scorer, check_update(update or "none")
+
+
 def with_update(scorer, update: str):
     """``scorer`` itself for ``update == 'none'``, else the scorer followed by that update."""
     return scorer if check_update(update) == "none" else WithUpdate(scorer=scorer, update=update)

@@ -75,3 +75,15 @@ def test_masks_equal_a_stable_argsort_reference_with_many_ties(levels):
             order = sorted(range(96), key=lambda j, row=row: (scores[row, j].item(), j))
             reference[row, order[:k]] = False
         assert torch.equal(keep_mask(scores, SparsitySpec(sparsity, group="row")), reference)
+
+
+@pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (8, 16)])
+@pytest.mark.parametrize("levels", [3, 1000])
+def test_nm_masks_equal_a_stable_argsort_reference(n, m, levels):
+    """Short groups take the sorting-network threshold, longer ones kthvalue: both must prune the n
+    lowest of every group with ties broken by index, as a stable sort of each group would."""
+    generator = torch.Generator().manual_seed(levels * m + n)
+    scores = torch.randint(0, levels, (12, 4 * m), generator=generator).float()
+    order = torch.argsort(scores.reshape(12, 4, m), dim=-1, stable=True)
+    reference = torch.ones(12, 4, m, dtype=torch.bool).scatter_(-1, order[..., :n], False).reshape(12, 4 * m)
+    assert torch.equal(keep_mask(scores, SparsitySpec(n / m, n, m)), reference)

@@ -71,10 +71,22 @@ def test_other_scorers_and_patterns(scorer, extra, tiny_model_dir, tmp_path):
     assert result["ppl"] > 1
 
 
-def test_scorers_lists_builtins():
+# Each method's comparison group in its authors' released code (per row = one quota per output).
+OFFICIAL_GROUPS = {
+    "magnitude": "matrix",  # Wanda's magnitude baseline: one threshold per layer
+    "wanda": "row",
+    "ria": "matrix",  # per row only with --per_outneuron
+    "z-pruner": "matrix",
+    "pruner-zero": "row",  # Wanda's framework
+    "sparsegpt": "matrix",  # block-wide adaptive selection over all rows
+    "apt": "matrix",  # SparseGPT's selection
+}
+
+
+def test_scorers_lists_builtins_with_their_official_groups():
     proc = run_cli("scorers", "--json")
-    names = {row["name"] for row in json.loads(proc.stdout)["scorers"]}
-    assert {"magnitude", "wanda", "ria", "pruner-zero"} <= names
+    groups = {row["name"]: row["default_group"] for row in json.loads(proc.stdout)["scorers"]}
+    assert {name: groups.get(name) for name in OFFICIAL_GROUPS} == OFFICIAL_GROUPS
 
 
 def eval_json(capsys, *args) -> dict:

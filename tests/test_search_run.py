@@ -170,3 +170,39 @@ def test_validate_fills_the_test_table_like_the_sequential_driver(
     assert "| metric | 2:4 |" in table and "| wanda |" in table and f"`{best}`" in table
     accuracy_table = table[table.index("## Zero-shot mean accuracy") :]
     assert f"| wanda | {expected['mean_acc']:.4f} |" in accuracy_table
+
+
+def test_validate_and_export_carry_a_weight_update(three_generations, search_model, search_cache, capsys):
+    """`validate --update refit` and baselines like wanda+obs equal the core's driver with those updates;
+    a run searched with an update exports plugins that apply it."""
+    from dataclasses import replace
+
+    from metric_search.export import plugin_data
+    from pruning_core.plugins import UpdatingPluginScorer
+    from pruning_core.updates import with_update
+
+    argv = ["validate", str(three_generations), "--top", "1", "--patterns", "0.5", "--baselines", "wanda+obs",
+            "--update", "refit", "--nsamples", "4", "--seqlen", "32", "--max-windows", "2",
+            "--cache-dir", str(search_cache), "--json"]  # fmt: skip
+    assert run_cli(main, argv) == 0
+    cells = {c["metric"]: c for c in json.loads(capsys.readouterr().out)["cells"]}
+    best = json.loads((three_generations / rundir.HALL_OF_FAME).read_text())["entries"][0]["formula"]
+    windows = None
+    for label, scorer in ((f"#1 `{best}` +refit", with_update(FormulaScorer(best), "refit")),
+                          ("wanda+obs", with_update(get_scorer("wanda"), "obs"))):  # fmt: skip
+        model, tokenizer = load_model(str(search_model))
+        calibrate_and_prune(model, scorer, SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")), nsamples=4,
+                            seqlen=32, seed=0, calib_name="c4", cache_root=Path(search_cache), progress=False)  # fmt: skip
+        windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-test")), 32, 2)
+        assert cells[label]["ppl"] == pytest.approx(
+            perplexity(model, windows, progress=False)["ppl"], rel=1e-6
+        )
+        assert cells[label]["update"] == label.rpartition("+")[2]
+
+    run = load_run(three_generations)
+    run = replace(
+        run, settings=replace(run.settings, evaluator=replace(run.settings.evaluator, update="obs"))
+    )
+    data = validate_plugin(plugin_data(run, run.state.hall_of_fame[0], 1, "found-obs"), "test")
+    assert data["update"] == "obs" and data["stats"][-1] == "hessian"
+    assert isinstance(UpdatingPluginScorer(data, "test"), UpdatingPluginScorer)

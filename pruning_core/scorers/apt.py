@@ -70,7 +70,7 @@ def exact_obs_update(
     Hessian: pruned entries exactly 0, kept entries corrected jointly."""
     w = weight.float().clone()
     cols = w.shape[1]
-    h = damped_hessian(hessian.to(device=w.device))
+    h = damped_hessian(hessian.to(device=w.device), percdamp)
     pruned = pruned.to(device=w.device, dtype=torch.bool)
     hinv = None
     counts = pruned.sum(dim=1)
@@ -116,7 +116,7 @@ class APT(Solver):
 
     name: str = "apt"
     stats: tuple[str, ...] = ("hessian",)
-    default_group: str = "row"
+    default_group: str = "matrix"  # SparseGPT's mask selection, so SparseGPT's default
     reference: str = "Zhao et al. 2024, Pruning Foundation Models for High Accuracy without Retraining"
     block_size: int = BLOCK_SIZE
     percdamp: float = PERCDAMP

@@ -45,7 +45,7 @@ class RIA:
 
     name: str = "ria"
     stats: tuple = ("X",)
-    default_group: str = "row"
+    default_group: str = "matrix"  # the official code compares per row only with --per_outneuron
     reference: str = "Zhang et al. 2024, Plug-and-Play (RIA), ICLR"
     power: float = 0.5
 

@@ -208,7 +208,7 @@ class SparseGPT(Solver):
 
     name: str = "sparsegpt"
     stats: tuple[str, ...] = ("hessian",)
-    default_group: str = "row"
+    default_group: str = "matrix"  # the paper's adaptive mask: lowest saliencies of each block, all rows
     reference: str = (
         "Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"
     )

@@ -58,7 +58,7 @@ def zpruner_scores(weight: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
 class ZPruner:
     name = "z-pruner"
     stats = ("X",)
-    default_group = "row"
+    default_group = "matrix"  # as RIA's code, which Z-Pruner's builds on: per row only on request
     reference = (
         "Bhuiyan et al. 2025, Z-Pruner: Post-Training Pruning of LLMs for Efficiency without Retraining"
     )
