@@ -5,7 +5,11 @@ Fidelities form a ladder, cheapest first: ``proxy`` (layer reconstruction error 
 Hessians; the model is never masked), ``ppl`` (perplexity on the first ``windows`` fitness windows)
 and ``top`` (perplexity on the first ``top_windows``, a superset). With several sparsity settings the
 fitness is the geometric mean over them, so ranking by it is ranking by the mean of log(value / a
-baseline's value) over the settings, whatever the baseline."""
+baseline's value) over the settings, whatever the baseline.
+
+With ``update="obs"`` a candidate is its mask followed by SparseGPT's OBS update for that mask: the
+proxy measures the updated sampled rows, the perplexity rungs the updated model. Linears of one shape
+are stacked so the update's column loop runs once per shape."""
 
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
 TRANSIENT = ("timeout", "oom", "lost")
 FIDELITIES = ("proxy", "ppl", "top")  # the ladder, cheapest first
 PROXY_ROWS = 32  # rows per linear sampled for the reconstruction proxy
-PROXY_FLOOR = 1e-20
+PROXY_FLOOR = 1e-20  # a zero error would make the geometric mean -inf
 # Columns per lazy block of the obs update: the same result for any size; small blocks trade the
 # elementwise in-block work (which dominates on stacked layers) for fast matrix products.
-UPDATE_BLOCK = 32  # a zero error would make the geometric mean -inf
+UPDATE_BLOCK = 32
 
 
 def comparison_group(specs) -> str:

@@ -192,4 +192,4 @@ def test_nm_needs_divisible_columns():
 def test_registered_under_their_names():
     solvers = registered()
     assert isinstance(solvers["sparsegpt"], SparseGPT) and solvers["sparsegpt"].stats == ("hessian",)
-    assert isinstance(solvers["apt"], APT) and solvers["apt"].default_group == "row"
+    assert isinstance(solvers["apt"], APT) and solvers["apt"].default_group == "matrix"

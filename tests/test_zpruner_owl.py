@@ -65,7 +65,7 @@ def test_zpruner_constant_matrix_has_zero_scores():
 
 def test_zpruner_registered():
     scorer = registered()["z-pruner"]
-    assert scorer.stats == ("X",) and scorer.default_group == "row"
+    assert scorer.stats == ("X",) and scorer.default_group == "matrix"
 
 
 def pooled_ratio_loop(pairs, m: float) -> float:
