@@ -28,6 +28,9 @@ from pathlib import Path
 
 from common import parser, report
 
+from pruning_core.errors import UsageError
+from pruning_core.updates import check_update, split_update
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.97
 RESULT_FILE = "search_result.json"
@@ -293,8 +296,6 @@ def measure_cell(args, target: list[str], flags: list[str], log: Path) -> dict:
 
 def scorer_flags(name: str) -> list[str]:
     """``wanda`` -> --scorer wanda; ``wanda+obs`` -> --scorer wanda --update obs."""
-    from pruning_core.updates import split_update
-
     scorer, update = split_update(name)
     return ["--scorer", scorer, *(["--update", update] if update != "none" else [])]
 
@@ -452,6 +453,12 @@ def main():
     args = build_parser().parse_args()
     seeds, settings = parse_seeds(args.seeds), parse_settings(args.settings)
     baselines = parse_names(args.baselines, "--baselines")
+    try:  # a bad update, here or in NAME+UPDATE, stops before any search
+        check_update(args.update)
+        for name in baselines:
+            split_update(name)
+    except UsageError as err:
+        fail(str(err))
     try:
         shlex.split(args.search_args)
     except ValueError as err:

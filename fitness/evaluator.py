@@ -89,8 +89,8 @@ class Evaluator:
         self.dense = {name: linear.weight.detach().clone() for name, linear in self.linears.items()}
         tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
-        self._factors: dict[str, torch.Tensor] = {}  # hessian key -> inverse-Hessian factor (obs update)
-        self._stacked = None  # built on the first update (see _stacks)
+        # built on first use, then reused by every candidate (see _proxy_stacks, _factor_stacks, _weight_stacks)
+        self._proxy_stacked = self._factors = self._stacked = None
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(w.shape[0], generator=generator)[:PROXY_ROWS].to(w.device)
@@ -154,19 +154,13 @@ class Evaluator:
         """Mean over linears of ||dW X||^2 / ||W X||^2 on the sampled rows, from the Hessians (no forward
         pass); dW removes the pruned weights, then (with an update) moves the kept ones."""
         errors = []
-        for names in self._shape_groups():
-            hessians = [self.stats.linear_stats(n)["hessian"] for n in names]
-            rows = torch.stack(
-                [live_weight(self.dense[n][self.proxy_rows[n]], h) for n, h in zip(names, hessians)]
-            )
+        for group, (names, hessians, rows, bases) in enumerate(self._proxy_stacks()):
             pruned = ~torch.stack([keep_rows[n] for n in names])
             if self.config.update == "none":
                 changes = -rows * pruned
             else:
-                factors = torch.stack([self._factor(n) for n in names])
-                changes = obs_fixed_mask(rows, factors, pruned, UPDATE_BLOCK) - rows
-            for hessian, w, change in zip(hessians, rows, changes):
-                base = (w @ hessian * w).sum().clamp_min(1e-20)
+                changes = obs_fixed_mask(rows, self._factor_stacks()[group], pruned, UPDATE_BLOCK) - rows
+            for hessian, change, base in zip(hessians, changes, bases):
                 errors.append(float((change @ hessian * change).sum() / base))
         return sum(errors) / len(errors)
 
@@ -177,32 +171,56 @@ class Evaluator:
             by_shape.setdefault(tuple(weight.shape), []).append(name)
         return list(by_shape.values())
 
-    def _factor(self, name: str) -> torch.Tensor:
-        """The upper Cholesky factor of the damped inverse Hessian; it depends on the Hessian only, so
-        it is computed once per distinct Hessian (q/k/v share one) for every candidate."""
-        key = self.stats.hessian_of[name]
-        if key not in self._factors:
-            self._factors[key] = inverse_hessian_factor(self.stats.linear_stats(name)["hessian"].float())
-        return self._factors[key]
-
-    def _stacks(self) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
-        """Per shape group: the dense weights (dead inputs zeroed) and the factors, stacked once."""
-        if self._stacked is None:
-            self._stacked = []
+    def _proxy_stacks(self) -> list[tuple[list[str], list[torch.Tensor], torch.Tensor, list[float]]]:
+        """Per shape group, built once: names, Hessians, the sampled rows (dead inputs zeroed) stacked,
+        and each linear's ||W X||^2 on them (the proxy's denominators do not depend on the candidate)."""
+        if self._proxy_stacked is None:
+            self._proxy_stacked = []
             for names in self._shape_groups():
                 hessians = [self.stats.linear_stats(n)["hessian"] for n in names]
-                weights = torch.stack([live_weight(self.dense[n], h) for n, h in zip(names, hessians)])
-                self._stacked.append((names, weights, torch.stack([self._factor(n) for n in names])))
+                rows = torch.stack(
+                    [live_weight(self.dense[n][self.proxy_rows[n]], h) for n, h in zip(names, hessians)]
+                )
+                bases = [float((w @ h * w).sum().clamp_min(1e-20)) for w, h in zip(rows, hessians)]
+                self._proxy_stacked.append((names, hessians, rows, bases))
+        return self._proxy_stacked
+
+    def _factor_stacks(self) -> list[torch.Tensor]:
+        """Per shape group, the upper Cholesky factors of the damped inverse Hessians, stacked once (they
+        depend on the Hessians only; q/k/v share one Hessian and so one factor computation)."""
+        if self._factors is None:
+            computed: dict[str, torch.Tensor] = {}
+            self._factors = []
+            for names in self._shape_groups():
+                for name in names:
+                    key = self.stats.hessian_of[name]
+                    if key not in computed:
+                        computed[key] = inverse_hessian_factor(
+                            self.stats.linear_stats(name)["hessian"].float()
+                        )
+                self._factors.append(torch.stack([computed[self.stats.hessian_of[n]] for n in names]))
+        return self._factors
+
+    def _weight_stacks(self) -> list[torch.Tensor]:
+        """Per shape group, the dense weights (dead inputs zeroed) stacked once, for the obs update."""
+        if self._stacked is None:
+            self._stacked = [
+                torch.stack(
+                    [live_weight(self.dense[n], self.stats.linear_stats(n)["hessian"]) for n in names]
+                )
+                for names in self._shape_groups()
+            ]
         return self._stacked
 
     def _apply_update(self, keep: dict[str, torch.Tensor], deadline: float) -> None:
         """Every linear = the obs update of its dense weight under its keep-mask."""
-        for names, weights, factors in self._stacks():
+        for names, weights, factors in zip(
+            self._shape_groups(), self._weight_stacks(), self._factor_stacks()
+        ):
             if time.monotonic() > deadline:
                 raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
             pruned = ~torch.stack([keep[n] for n in names])
-            updated_stack = obs_fixed_mask(weights, factors, pruned, UPDATE_BLOCK)
-            for name, updated in zip(names, updated_stack):
+            for name, updated in zip(names, obs_fixed_mask(weights, factors, pruned, UPDATE_BLOCK)):
                 self.linears[name].weight.copy_(updated)
 
     def _masks(self, scorer, deadline: float) -> list[dict[str, torch.Tensor]]:

@@ -13,8 +13,9 @@ from metric_search.results import load_run
 from metric_search.rundir import atomic_write_text
 from primitives.scorer import FormulaScorer
 from pruning_core.errors import UsageError
-from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, plugin_stats, user_plugin_dir, validate_plugin
+from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, user_plugin_dir, validate_plugin
 from pruning_core.scorers.base import registered
+from pruning_core.updates import stats_with_update
 
 
 def default_name(run_id: str, rank: int) -> str:
@@ -34,7 +35,7 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
         "version": PLUGIN_VERSION,
         "name": name,
         "formula": formula,
-        "stats": plugin_stats(FormulaScorer(formula, group=group).stats, evaluator.update),
+        "stats": list(stats_with_update(FormulaScorer(formula, group=group).stats, evaluator.update)),
         "group": group,
         **update,
         "description": f"rank {rank} of metric_search run {run.config['run_id']} ({evaluator.model}, {pattern})",

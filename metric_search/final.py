@@ -1,8 +1,8 @@
 """The final check: the hall of fame's best formulas against Wanda, as a user would prune with them.
 
 Each formula and Wanda prune a fresh model with the pruning core's sequential driver at every setting
-of the run (followed by the run's weight update, if any: Wanda gets the same one), and are measured on windows of the fitness corpus that the search never read (those after
-its top-rung windows). The comparison is paired over windows: per window, the mean over settings of
+of the run (each mask followed by the run's weight update, if any, Wanda's too), and are measured on
+windows of the fitness corpus that the search never read (those after its top-rung windows). The comparison is paired over windows: per window, the mean over settings of
 the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
 and a bootstrap over windows gives its noise. "Better than Wanda" means the whole interval is below 1.
 The chosen formula has the lowest ratio, Wanda included.

@@ -15,8 +15,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from pruning_core.errors import UsageError
-from pruning_core.scorers.base import STAT_NAMES, registered
-from pruning_core.updates import UPDATE_CHOICES, UPDATES
+from pruning_core.scorers.base import registered
+from pruning_core.updates import UPDATE_CHOICES, WithUpdate, stats_with_update
 
 PLUGIN_FORMAT = "metric-search-scorer"
 PLUGIN_VERSION = 1
@@ -94,12 +94,6 @@ def read_plugin_file(path: Path) -> dict:
     return validate_plugin(data, str(path))
 
 
-def plugin_stats(formula_stats, update: str) -> list[str]:
-    """The statistics a plugin reads: its formula's, plus the Hessian when it updates weights."""
-    wanted = set(formula_stats) | ({"hessian"} if update != "none" else set())
-    return [s for s in STAT_NAMES if s in wanted]
-
-
 class PluginScorer:
     """A registered formula scorer that remembers where it came from; with an ``update`` it is a
     solver (the formula's mask, then that weight update)."""
@@ -114,7 +108,7 @@ class PluginScorer:
         self.name = data["name"]
         self.formula = data["formula"]
         self.update = data.get("update", "none")
-        self.stats = tuple(plugin_stats(self._formula.stats, self.update))
+        self.stats = stats_with_update(self._formula.stats, self.update)
         if data["stats"] != list(self.stats):  # the file must say exactly what the formula reads
             raise UsageError(
                 f"plugin {origin} lists stats {data['stats']!r} but its formula reads {list(self.stats)}; "
@@ -130,9 +124,7 @@ class PluginScorer:
 
 class UpdatingPluginScorer(PluginScorer):
     def prune(self, weight, stats, spec):
-        from pruning_core.sequential import keep_of
-
-        return UPDATES[self.update](weight, stats, keep_of(self._formula, weight, stats, spec))
+        return WithUpdate(scorer=self._formula, update=self.update).prune(weight, stats, spec)
 
 
 def _discovered() -> list[tuple[dict, str]]:

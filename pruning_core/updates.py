@@ -39,6 +39,12 @@ UPDATES = {"obs": obs_update, "refit": refit_update}
 UPDATE_CHOICES = ("none", *UPDATES)
 
 
+def stats_with_update(stats, update: str) -> tuple[str, ...]:
+    """The statistics a scorer reads once followed by ``update``: its own, plus the Hessian."""
+    wanted = set(stats) | ({"hessian"} if check_update(update) != "none" else set())
+    return tuple(s for s in STAT_NAMES if s in wanted)
+
+
 def check_update(name: str) -> str:
     if name not in UPDATE_CHOICES:
         raise UsageError(f"unknown update {name!r}; use one of: {', '.join(UPDATE_CHOICES)}")
@@ -56,8 +62,7 @@ class WithUpdate(Solver):
         if check_update(self.update) == "none":
             raise ValueError("WithUpdate needs an update; use the scorer itself for 'none'")
         self.name = f"{self.scorer.name}+{self.update}"
-        wanted = set(self.scorer.stats) | {"hessian"}
-        self.stats = tuple(s for s in STAT_NAMES if s in wanted)
+        self.stats = stats_with_update(self.scorer.stats, self.update)
         self.default_group = self.scorer.default_group
         self.reference = getattr(self.scorer, "reference", "")
 
