@@ -7,9 +7,11 @@ and ``top`` (perplexity on the first ``top_windows``, a superset). With several 
 fitness is the geometric mean over them, so ranking by it is ranking by the mean of log(value / a
 baseline's value) over the settings, whatever the baseline.
 
-With ``update="obs"`` a candidate is its mask followed by SparseGPT's OBS update for that mask: the
-proxy measures the updated sampled rows, the perplexity rungs the updated model. Linears of one shape
-are stacked so the update's column loop runs once per shape."""
+With ``update="obs"`` a candidate is its mask followed by SparseGPT's OBS update for that mask; with
+``update="adaptive"`` the candidate re-chooses each span's mask inside that update, on the weights as
+updated so far (``pruning_core.updates.adaptive_obs``, exactly what ``prune --update adaptive`` does).
+The proxy measures the updated sampled rows (adaptive: chosen on those rows alone), the perplexity
+rungs the updated model. Linears of one shape are stacked so the column loop runs once per shape."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers.base import SparsitySpec
 from pruning_core.scorers.sparsegpt import inverse_hessian_factor, live_weight, obs_fixed_mask
+from pruning_core.updates import adaptive_obs, span_statistics
 
 REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
 # Failures of the machine, not of the formula: never kept as a formula's result (a resume retries them).
@@ -52,7 +55,7 @@ class FitnessConfig:
     seqlen: int = 256
     timeout_s: float = 600.0
     top_windows: int = 16
-    update: str = "none"  # "none" or "obs": the weight update after each candidate's mask
+    update: str = "none"  # "none", "obs" or "adaptive": the weight update with each candidate's mask
 
 
 class CandidateFailed(Exception):
@@ -91,6 +94,7 @@ class Evaluator:
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
         # built on first use, then reused by every candidate (see _proxy_stacks, _factor_stacks, _weight_stacks)
         self._proxy_stacked = self._factors = self._stacked = None
+        self._span_cache: dict = {}
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(w.shape[0], generator=generator)[:PROXY_ROWS].to(w.device)
@@ -110,8 +114,7 @@ class Evaluator:
                 linear.weight.copy_(self.dense[name])
 
     def _scores(self, scorer, name: str, deadline: float):
-        if time.monotonic() > deadline:
-            raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
+        self._check_deadline(deadline)
         dense = self.dense[name]
         stats = self.stats.linear_stats(name)
         scores = scorer.score(dense.float(), stats)
@@ -144,25 +147,66 @@ class Evaluator:
             rows = self.proxy_rows[name]
             for per_spec, spec in zip(keeps, specs):
                 self._check(scores, spec, name)
+                if self.config.update == "adaptive":
+                    continue  # chosen inside the update (_proxy_error)
                 if spec.group == "matrix" and not spec.is_nm:
                     per_spec[name] = keep_mask(scores, spec)[rows]
                 else:
                     per_spec[name] = keep_mask(scores[rows], spec)
-        return [self._proxy_error(keep) for keep in keeps]
+        return [self._proxy_error(keep, scorer, spec, deadline) for keep, spec in zip(keeps, specs)]
 
-    def _proxy_error(self, keep_rows: dict[str, torch.Tensor]) -> float:
+    def _proxy_error(self, keep_rows: dict[str, torch.Tensor], scorer, spec: SparsitySpec,
+                     deadline: float) -> float:  # fmt: skip
         """Mean over linears of ||dW X||^2 / ||W X||^2 on the sampled rows, from the Hessians (no forward
         pass); dW removes the pruned weights, then (with an update) moves the kept ones."""
         errors = []
         for group, (names, hessians, rows, bases) in enumerate(self._proxy_stacks()):
-            pruned = ~torch.stack([keep_rows[n] for n in names])
-            if self.config.update == "none":
-                changes = -rows * pruned
-            else:
-                changes = obs_fixed_mask(rows, self._factor_stacks()[group], pruned, UPDATE_BLOCK) - rows
+            self._check_deadline(deadline)
+            changes = self._updated(group, names, rows, keep_rows, scorer, spec, proxy=True) - rows
             for hessian, change, base in zip(hessians, changes, bases):
                 errors.append(float((change @ hessian * change).sum() / base))
         return sum(errors) / len(errors)
+
+    def _updated(self, group: int, names: list[str], weights: torch.Tensor, keep: dict, scorer,
+                 spec: SparsitySpec, proxy: bool = False) -> torch.Tensor:  # fmt: skip
+        """Stacked weights of shape group ``group`` after pruning with the run's update: masked by
+        ``keep`` (none), updated under it (obs), or masked and updated span by span by the scorer
+        (adaptive; ``proxy``: the weights are the sampled rows)."""
+        if self.config.update == "adaptive":
+            span_stats = [self._span_stats(name, proxy) for name in names]
+            factors = self._factor_stacks()[group]
+            return adaptive_obs(
+                scorer, weights, factors, span_stats, spec, self._candidate_check, UPDATE_BLOCK
+            )
+        pruned = ~torch.stack([keep[name] for name in names])
+        if self.config.update == "obs":
+            return obs_fixed_mask(weights, self._factor_stacks()[group], pruned, UPDATE_BLOCK)
+        return weights.masked_fill(pruned, 0.0)
+
+    def _check_deadline(self, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
+
+    @staticmethod
+    def _candidate_check(scores: torch.Tensor, weight: torch.Tensor) -> None:
+        """Scores of one span inside the adaptive update: a bad candidate fails, never raises else."""
+        if scores.shape != weight.shape:
+            raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(weight.shape)}")
+        if not bool(torch.isfinite(scores).all()):
+            raise CandidateFailed("nonfinite", "inside the adaptive update")
+
+    def _span_stats(self, name: str, proxy: bool = False):
+        """Column-sliced statistics of a linear for the adaptive update (proxy: its sampled rows')."""
+        key = (name, proxy)
+        if key not in self._span_cache:
+            stats = self.stats.linear_stats(name)
+            shape = tuple(self.dense[name].shape)
+            if proxy:
+                rows = self.proxy_rows[name]
+                stats = {k: v[rows] if tuple(v.shape) == shape else v for k, v in stats.items()}
+                shape = (len(rows), shape[1])
+            self._span_cache[key] = span_statistics(stats, shape)
+        return self._span_cache[key]
 
     def _shape_groups(self) -> list[list[str]]:
         """Linear names grouped by weight shape: stacked, a group runs the obs column loop once."""
@@ -212,16 +256,14 @@ class Evaluator:
             ]
         return self._stacked
 
-    def _apply_update(self, keep: dict[str, torch.Tensor], deadline: float) -> None:
-        """Every linear = the obs update of its dense weight under its keep-mask."""
-        for names, weights, factors in zip(
-            self._shape_groups(), self._weight_stacks(), self._factor_stacks()
-        ):
-            if time.monotonic() > deadline:
-                raise CandidateFailed("timeout", f"exceeded {self.config.timeout_s} s")
-            pruned = ~torch.stack([keep[n] for n in names])
-            for name, updated in zip(names, obs_fixed_mask(weights, factors, pruned, UPDATE_BLOCK)):
-                self.linears[name].weight.copy_(updated)
+    def _apply_update(self, keep: dict[str, torch.Tensor], scorer, spec: SparsitySpec,
+                      deadline: float) -> None:  # fmt: skip
+        """Every linear = its dense weight updated under its keep-mask (obs), or with the masks the
+        scorer chooses inside the update (adaptive)."""
+        for group, (names, weights) in enumerate(zip(self._shape_groups(), self._weight_stacks())):
+            self._check_deadline(deadline)
+            for name, weight in zip(names, self._updated(group, names, weights, keep, scorer, spec)):
+                self.linears[name].weight.copy_(weight)
 
     def _masks(self, scorer, deadline: float) -> list[dict[str, torch.Tensor]]:
         """Per setting, every linear's keep-mask: each linear is scored once for all settings (one byte
@@ -232,7 +274,10 @@ class Evaluator:
         for name in self.linears:
             _, _, scores = self._scores(scorer, name, deadline)
             for per_spec, spec in zip(masks, specs):
-                per_spec[name] = self._keep(scores, spec, name)
+                if self.config.update == "adaptive":
+                    self._check(scores, spec, name)  # its masks are chosen inside the update
+                else:
+                    per_spec[name] = self._keep(scores, spec, name)
         return masks
 
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
@@ -246,7 +291,7 @@ class Evaluator:
                 for name, linear in self.linears.items():
                     torch.mul(self.dense[name], keep[name], out=linear.weight)
             else:
-                self._apply_update(keep, deadline)
+                self._apply_update(keep, scorer, spec, deadline)
             ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
             if not math.isfinite(ppl):
                 raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")

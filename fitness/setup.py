@@ -28,7 +28,7 @@ class EvaluatorSettings:
     top_windows: int = 16
     fitness_seqlen: int = 256
     timeout_s: float = 600.0
-    update: str = "none"  # weight update after each candidate's mask: none or obs
+    update: str = "none"  # weight update with each candidate's mask: none, obs or adaptive
 
     def as_dict(self) -> dict:
         data = asdict(self)

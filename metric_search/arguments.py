@@ -68,8 +68,10 @@ def search_parser() -> OneLineParser:
     f.add_argument("--group", help="row or matrix (row)")
     f.add_argument(
         "--update",
-        help="weight update after each candidate's mask: none, or obs (SparseGPT's update for a fixed "
-        "mask: the search then looks for the best mask for that update) (none)",
+        help="weight update after each candidate's mask: none, obs (SparseGPT's update for a fixed "
+        "mask: the search then looks for the best mask for that update) or adaptive (the candidate "
+        "re-chooses each span's mask inside that update: the search looks for a selection criterion "
+        "like SparseGPT's) (none)",
     )
     f.add_argument("--calib", help="calibration corpus (c4)")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")

@@ -15,7 +15,7 @@ from pruning_core.errors import UsageError
 from pruning_core.masks import parse_settings
 
 CONFIG_VERSION = 2  # 2: several sparsity settings, a three-rung fidelity ladder, the final check
-SEARCH_UPDATES = ("none", "obs")  # weight updates cheap enough for the fitness loop
+SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for the fitness loop
 
 # CPU profile: the README's main command on smollm2-135m within ~25 minutes on 2 cores (measured: proxy
 # ~2 s, base rung ~13 s, top rung ~37 s per formula with one thread; a final-check cell ~55 s). Rung
@@ -166,8 +166,8 @@ def check_search(settings: SearchSettings) -> None:
     _check(e.group in ("row", "matrix"), f"unknown --group {e.group!r}; use row or matrix")
     _check(
         e.update in SEARCH_UPDATES,
-        f"--update {e.update!r} is not available to the search; use none or obs (refit is too slow for the "
-        "fitness loop: search with obs, then prune with `--update refit`)",
+        f"--update {e.update!r} is not available to the search; use none, obs or adaptive (refit is too slow "
+        "for the fitness loop: search with obs, then prune with `--update refit`)",
     )
 
 

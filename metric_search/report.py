@@ -141,6 +141,8 @@ def _describe(config: dict) -> str:
 
 
 def _update_text(update: str) -> str:
+    if update == "adaptive":
+        return "each mask chosen span by span inside SparseGPT's OBS update (`adaptive`; Wanda's too), "
     return "" if update == "none" else f"each mask followed by the `{update}` weight update (Wanda's too), "
 
 

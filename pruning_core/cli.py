@@ -237,8 +237,9 @@ def build_parser() -> OneLineParser:
     pr.add_argument(
         "--update",
         default="none",
-        help="weight update after the scorer's mask: none, obs (SparseGPT's sequential update) or "
-        "refit (exact least squares of the kept weights per row)",
+        help="weight update after the scorer's mask: none, obs (SparseGPT's sequential update), "
+        "refit (exact least squares of the kept weights per row) or adaptive (the scorer re-chooses "
+        "each span's mask inside the obs update, as SparseGPT's own criterion)",
     )
     pr.add_argument("--calib", default="c4")
     pr.add_argument("--nsamples", type=int, default=128)

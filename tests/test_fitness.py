@@ -11,6 +11,7 @@ import torch
 
 from fitness.memo import Memo
 from fitness.setup import EvaluatorSettings, build_evaluator
+from primitives.scorer import FormulaScorer
 from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
 from pruning_core.gradients import prunable_linears
 from pruning_core.models import load_model
@@ -198,6 +199,55 @@ def test_obs_update_proxy_is_the_output_error_of_the_updated_rows(settings):
             keep = keep_mask(scorer.score(dense.float(), stats), spec)[rows]
             w = dense[rows].double()
             change = obs_prune_with_mask(dense[rows], stats["hessian"], keep).double() - w
+            hessian = stats["hessian"].double()
+            errors.append(float((change @ hessian * change).sum() / (w @ hessian * w).sum()))
+        assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4)
+
+
+def test_adaptive_update_fitness_equals_perplexity_of_the_core_adaptive_prune(settings):
+    """update=adaptive: every linear = ``prune --update adaptive`` of its dense weight, one layer at a
+    time through the core (the evaluator stacks layers of one shape), then the same windows."""
+    from pruning_core.sequential import prune_weight
+    from pruning_core.updates import with_update
+
+    settings = replace(settings, patterns=("0.5", "2:4"), update="adaptive")
+    evaluator = build_evaluator(settings)
+    scorer = FormulaScorer("abs(W) * X / H")
+    result = evaluator.evaluate(scorer, "ppl")
+
+    model, _ = load_model(settings.model)
+    linears = dict(prunable_linears(model))
+    adaptive = with_update(scorer, "adaptive")
+    for label, spec in zip(settings.patterns, settings.specs):
+        with torch.no_grad():
+            for name, dense in evaluator.dense.items():
+                stats = evaluator.stats.linear_stats(name)
+                linears[name].weight.copy_(
+                    prune_weight(adaptive, dense, {"X": stats["X"], "hessian": stats["hessian"]}, spec)
+                )
+        expected = perplexity(model, evaluator.windows_for("ppl"), progress=False)["ppl"]
+        assert result["values"][label] == pytest.approx(expected, rel=1e-4)
+
+
+def test_adaptive_update_proxy_chooses_masks_on_the_sampled_rows_alone(settings):
+    """The proxy's adaptive masks are the core's for the sampled rows as a layer of their own (their
+    rows of G, the layer's X, H and Hessian)."""
+    from pruning_core.sequential import prune_weight
+    from pruning_core.updates import with_update
+
+    settings = replace(settings, patterns=("0.5", "2:4"), update="adaptive")
+    evaluator = build_evaluator(settings)
+    scorer = FormulaScorer("abs(W) * X + G")
+    result = evaluator.evaluate(scorer, "proxy")
+    adaptive = with_update(scorer, "adaptive")
+    for label, spec in zip(settings.patterns, settings.specs):
+        errors = []
+        for name, dense in evaluator.dense.items():
+            stats = evaluator.stats.linear_stats(name)
+            rows = evaluator.proxy_rows[name]
+            own = {"X": stats["X"], "G": stats["G"][rows], "hessian": stats["hessian"]}
+            w = dense[rows].double()
+            change = prune_weight(adaptive, dense[rows], own, spec).double() - w
             hessian = stats["hessian"].double()
             errors.append(float((change @ hessian * change).sum() / (w @ hessian * w).sum()))
         assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4)

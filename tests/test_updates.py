@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_solvers import correlated_layer, damped64, reference_obs
+from test_solvers import correlated_layer, damped64, lowest, reference_obs
 
 from pruning_core.errors import UsageError
 from pruning_core.masks import keep_mask
@@ -118,3 +118,61 @@ def test_a_plugin_with_an_update_prunes_like_its_formula_then_the_update(tmp_pat
     (tmp_path / "p.json").write_text(json.dumps(wrong_stats))
     with pytest.raises(UsageError, match="lists stats"):
         plugins.load_plugins()
+
+
+def wanda_span_choice(x_norm, spec):
+    """Wanda written out for one span of the reference loop: |w| * ||X_j|| of the span's current
+    weights, then each N:M group's N lowest or the span's cumulative per-row quota."""
+
+    def choose(j, w, _d2):
+        scores = w.abs() * x_norm[j : j + w.shape[1]].double().unsqueeze(0)
+        rows, width = scores.shape
+        if spec.is_nm:
+            return lowest(scores.reshape(rows, width // spec.m, spec.m), spec.n).reshape(rows, width)
+        count = round(spec.sparsity * (j + width)) - round(spec.sparsity * j)
+        return lowest(scores, count)
+
+    return choose
+
+
+@pytest.mark.parametrize("spec", [SparsitySpec(n=2, m=4), SparsitySpec(0.5)])
+def test_adaptive_wanda_equals_the_obs_loop_choosing_on_updated_weights(spec, monkeypatch):
+    import pruning_core.updates as updates
+
+    monkeypatch.setattr(updates, "ADAPTIVE_SPAN", 8)  # three spans over 24 columns
+    weight, x, hessian = correlated_layer(9, 24, 120, seed=7)
+    x_norm = torch.linalg.vector_norm(x, dim=1)
+    stats = {"X": x_norm, "hessian": hessian}
+
+    got = prune_weight(with_update(get_scorer("wanda"), "adaptive"), weight, stats, spec)
+    span = spec.m if spec.is_nm else 8
+    expected, pruned = reference_obs(weight, hessian, wanda_span_choice(x_norm, spec), span=span)
+
+    assert torch.equal(got == 0, pruned)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    # the masks really are chosen on the updated weights: Wanda's mask of the dense weight differs
+    assert not torch.equal(got != 0, keep_mask(weight.abs() * x_norm.unsqueeze(0), spec))
+
+
+def test_adaptive_formula_reads_h_as_the_inverse_hessian_diagonal_of_its_columns():
+    from primitives.scorer import FormulaScorer
+    from pruning_core.linalg import inverse_hessian_diag
+
+    weight, x, hessian = correlated_layer(6, 16, 80, seed=8)
+    spec = SparsitySpec(n=2, m=4)
+    hinv = inverse_hessian_diag(hessian)
+
+    got = prune_weight(with_update(FormulaScorer("W^2 / H"), "adaptive"), weight, {"hessian": hessian}, spec)
+
+    def choose(j, w, _d2):
+        scores = w**2 / hinv[j : j + w.shape[1]].double().unsqueeze(0)
+        return lowest(scores.reshape(w.shape[0], -1, 4), 2).reshape(w.shape)
+
+    expected, pruned = reference_obs(weight, hessian, choose, span=4)
+    assert torch.equal(got == 0, pruned)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_is_refused_for_solvers_in_one_line():
+    with pytest.raises(UsageError, match="not adaptive"):
+        with_update(get_scorer("sparsegpt"), "adaptive")

@@ -38,7 +38,8 @@ from pruning_core.scorers.base import Solver, SparsitySpec, register
 BLOCK_SIZE = 128
 PERCDAMP = 0.01
 
-# select(first_column, current_weights_of_span, u_diag_of_span) -> pruned mask of the span
+# select(first_column, current weights of the span (..., rows, width), the factor's diagonal over the
+# span (..., width)) -> pruned mask of the span (..., rows, width)
 SpanSelector = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -66,34 +67,51 @@ def _lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     return pruned
 
 
-def _sequential_obs(
+def span_pruned(scores: torch.Tensor, first: int, spec: SparsitySpec) -> torch.Tensor:
+    """Pruned mask of one span of columns [first, first + width) from its scores (rows, width), higher
+    = keep: every N:M group's N lowest, or for unstructured sparsity the span's quota per row ("row")
+    or over the whole span ("matrix"). Quotas are cumulative roundings, round(s * end) - round(s *
+    start) per row (or times rows), so they telescope to exactly round(s * cols) per row (matrix)."""
+    if spec.is_nm:
+        return ~keep_mask(scores, SparsitySpec(n=spec.n, m=spec.m))
+    rows, width = scores.shape
+    unit = 1 if spec.group == "row" else rows
+    quota = round(spec.sparsity * unit * (first + width)) - round(spec.sparsity * unit * first)
+    if spec.group == "row":
+        return _lowest_per_row(scores, quota)
+    return _lowest_per_row(scores.reshape(1, -1), quota).reshape(rows, width)
+
+
+def sequential_obs(
     weight: torch.Tensor, factor: torch.Tensor, select: SpanSelector, span: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune W column by column with OBS updates; ``select`` picks the mask of each span of ``span``
-    columns just before the span is processed. Returns (new weight, pruned mask)."""
+    """Prune W column by column with OBS updates, over any leading batch dimensions (weight (..., rows,
+    cols), factor (..., cols, cols)): stacking layers of one shape runs the column loop once for all.
+    ``select`` picks the mask of each span of ``span`` columns just before the span is processed, on
+    the weights as updated so far. Returns (new float32 weight, pruned entries exactly 0; pruned mask)."""
+    if block_size % span:
+        raise ValueError(f"block size {block_size} must be a multiple of the span {span}")
     w = weight.float().clone()
-    rows, cols = w.shape
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    cols = w.shape[-1]
+    pruned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
-        block_factor = factor[start:end, start:end]
-        block_diag = torch.diagonal(block_factor)
+        block = w[..., start:end].clone()
+        block_factor = factor[..., start:end, start:end]
+        block_diag = torch.diagonal(block_factor, dim1=-2, dim2=-1)
+        block_pruned = pruned[..., start:end]  # a view: the spans' selections land in ``pruned``
         errors = torch.zeros_like(block)
         for j in range(end - start):
             if j % span == 0:
                 stop = min(j + span, end - start)
-                pruned[:, start + j : start + stop] = select(start + j, block[:, j:stop], block_diag[j:stop])
-            column = block[:, j]
-            removed = torch.where(pruned[:, start + j], column, torch.zeros_like(column))
-            error = removed / block_diag[j]
+                block_pruned[..., j:stop] = select(start + j, block[..., j:stop], block_diag[..., j:stop])
+            error = torch.where(block_pruned[..., j], block[..., j], 0.0) / block_diag[..., j : j + 1]
             # OBS: removing w_j shifts the later weights of the row by -w_j / U_jj * U_j,j: ...
-            block[:, j:] -= error.unsqueeze(1) * block_factor[j, j:].unsqueeze(0)
-            block[:, j] = torch.where(pruned[:, start + j], torch.zeros_like(column), block[:, j])
-            errors[:, j] = error
-        w[:, start:end] = block
+            block[..., j:] -= error.unsqueeze(-1) * block_factor[..., j : j + 1, j:]
+            errors[..., j] = error
+        w[..., start:end] = block.masked_fill(block_pruned, 0.0)
         # ... and the same update, for the whole block at once, on the columns after the block
-        w[:, end:] -= errors @ factor[start:end, end:]
+        w[..., end:] -= errors @ factor[..., start:end, end:]
     return w, pruned
 
 
@@ -115,25 +133,13 @@ def _prepare(
 def obs_fixed_mask(
     weight: torch.Tensor, factor: torch.Tensor, pruned: torch.Tensor, block_size: int = BLOCK_SIZE
 ) -> torch.Tensor:
-    """The sequential OBS update of ``_sequential_obs`` for a mask fixed in advance, over any leading
-    batch dimensions: weight and pruned (..., rows, cols), factor (..., cols, cols). Stacking layers of
-    one shape runs the column loop once for all of them. Pruned entries come out exactly 0."""
-    w = weight.float().clone()
-    cols = w.shape[-1]
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block = w[..., start:end].clone()
-        block_factor = factor[..., start:end, start:end]
-        block_diag = torch.diagonal(block_factor, dim1=-2, dim2=-1)
-        block_pruned = pruned[..., start:end]
-        errors = torch.zeros_like(block)
-        for j in range(end - start):
-            error = torch.where(block_pruned[..., j], block[..., j], 0.0) / block_diag[..., j : j + 1]
-            block[..., j:] -= error.unsqueeze(-1) * block_factor[..., j : j + 1, j:]
-            errors[..., j] = error
-        w[..., start:end] = block.masked_fill(block_pruned, 0.0)
-        w[..., end:] -= errors @ factor[..., start:end, end:]
-    return w
+    """The sequential OBS update for a mask fixed in advance, over any leading batch dimensions: weight
+    and pruned (..., rows, cols), factor (..., cols, cols). Pruned entries come out exactly 0."""
+
+    def fixed(first: int, span_weights: torch.Tensor, _diag: torch.Tensor) -> torch.Tensor:
+        return pruned[..., first : first + span_weights.shape[-1]]
+
+    return sequential_obs(weight, factor, fixed, block_size, block_size)[0]
 
 
 def obs_prune_with_mask(
@@ -172,33 +178,17 @@ def sparsegpt_prune(
     percdamp: float = PERCDAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: (new float32 weight with pruned entries exactly 0, pruned mask)."""
-    rows, cols = weight.shape
-    _check_spec(spec, cols)
+    _check_spec(spec, weight.shape[1])
     w, factor = _prepare(weight, hessian, percdamp)
-
-    if spec.is_nm:
-        # blocks must hold whole N:M groups
+    if spec.is_nm:  # blocks must hold whole N:M groups
         block_size = max(spec.m, block_size - block_size % spec.m)
-        group_spec = SparsitySpec(n=spec.n, m=spec.m)
+    # N:M: every group of M columns; unstructured: every block, per row or over the block's rows
+    span = spec.m if spec.is_nm else block_size
 
-        def select(_first: int, span_weights: torch.Tensor, span_diag: torch.Tensor) -> torch.Tensor:
-            return ~keep_mask(obs_saliency(span_weights, span_diag), group_spec)
+    def select(first: int, span_weights: torch.Tensor, span_diag: torch.Tensor) -> torch.Tensor:
+        return span_pruned(obs_saliency(span_weights, span_diag), first, spec)
 
-        return _sequential_obs(w, factor, select, spec.m, block_size)
-
-    # per row ("row") or over the whole block ("matrix"); cumulative quotas keep the totals exact
-    per_row = spec.group == "row"
-    unit = 1 if per_row else rows
-
-    def select_in_block(first: int, span_weights: torch.Tensor, span_diag: torch.Tensor) -> torch.Tensor:
-        width = span_weights.shape[1]
-        quota = round(spec.sparsity * unit * (first + width)) - round(spec.sparsity * unit * first)
-        scores = obs_saliency(span_weights, span_diag)
-        if per_row:
-            return _lowest_per_row(scores, quota)
-        return _lowest_per_row(scores.reshape(1, -1), quota).reshape(rows, width)
-
-    return _sequential_obs(w, factor, select_in_block, block_size, block_size)
+    return sequential_obs(w, factor, select, span, block_size)
 
 
 @register
