@@ -23,7 +23,7 @@ from deap import gp
 from primitives.canonical import canonical_form
 from primitives.compile import CompiledFormula
 from primitives.pset import deap_to_tree, make_pset
-from pruning_core.gradients import prunable_linears
+from pruning_core.blocks import prunable_linears
 from pruning_core.linalg import inverse_hessian_diag
 
 

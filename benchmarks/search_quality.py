@@ -18,7 +18,6 @@ unfinished search is resumed.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 from common import parser, report
 
 from pruning_core.errors import UsageError
+from pruning_core.files import atomic_write_json, atomic_write_text
 from pruning_core.updates import check_update, split_update
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,17 +124,6 @@ def model_flags(args) -> list[str]:
         if value:
             flags += [flag, value]
     return flags
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def last_json_line(text: str) -> dict | None:
@@ -237,7 +226,7 @@ def run_search(args, seed: int, runs: Path, setting: str | None = None) -> dict:
                 "error": error,
             }
         result[MARK] = {"seconds": round(seconds, 2), "command": cmd}
-        atomic_write_json(run_dir / RESULT_FILE, result)
+        atomic_write_json(run_dir / RESULT_FILE, result, indent=1, allow_nan=True)
     formula = chosen_formula(result)
     return {
         "seed": seed,
@@ -317,7 +306,7 @@ def validate(
                 continue
             print(f"validating {key}", file=sys.stderr)
             cells[key] = measure_cell(args, target, flags, log)
-            atomic_write_json(path, {"protocol": protocol(args), "cells": cells})
+            atomic_write_json(path, {"protocol": protocol(args), "cells": cells}, indent=1, allow_nan=True)
     return cells
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from fitness.stats_cache import StatsCache
+from pruning_core.blocks import prunable_linears
 from pruning_core.data import load_rows, tokenize_corpus
-from pruning_core.gradients import prunable_linears
 from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers.base import SparsitySpec

@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from pruning_core.files import drop_torn_tail
+
 
 def _encode(value):
     return "inf" if isinstance(value, float) and math.isinf(value) else value
@@ -24,16 +26,12 @@ class Memo:
         self.path = Path(path) if path else None
         self.results: dict[tuple[str, str], dict] = {}
         if self.path and self.path.is_file():
-            text = self.path.read_text()
-            if text and not text.endswith("\n"):
-                # a kill mid-append left a torn last line: drop it so the next append starts clean
-                text = text[: text.rfind("\n") + 1]
-                self.path.write_text(text)
-            for line in text.splitlines():
+            drop_torn_tail(self.path)  # a kill mid-append: the next append starts a fresh line
+            for line in self.path.read_text().splitlines():
                 try:
                     record = _decode(json.loads(line))
                 except json.JSONDecodeError:
-                    continue  # a torn last line from a kill is skipped, the rest is kept
+                    continue  # a damaged line is skipped, the rest is kept
                 self.results[(record["canonical"], record["fidelity"])] = record
 
     def get(self, canonical: str, fidelity: str) -> dict | None:

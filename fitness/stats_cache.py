@@ -4,17 +4,16 @@ runs and processes (Ray actors) share them. A damaged file is detected, discarde
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pruning_core.blocks import model_fingerprint
 from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
-from pruning_core.gradients import gradient_magnitudes, model_fingerprint
+from pruning_core.files import atomic_path, atomic_write_json, file_sha256, key_digest
+from pruning_core.gradients import gradient_magnitudes
 from pruning_core.linalg import inverse_hessian_diag
 from pruning_core.sequential import walk_blocks
 
@@ -30,14 +29,6 @@ class CalibrationKey:
 
     def as_dict(self) -> dict:
         return {"calib": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def compute_stats(model, tokenizer, key: CalibrationKey, data_dir=None, cache_root=None, progress=True):
@@ -89,7 +80,7 @@ class StatsCache:
         from safetensors.torch import load_file, save_file
 
         ident = {"version": FORMAT_VERSION, "model": model_fingerprint(model), **key.as_dict()}
-        name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+        name = key_digest(ident)
         folder = Path(cache_root) / "stats"
         data_path, meta_path = folder / f"{name}.safetensors", folder / f"{name}.json"
         device = next(model.parameters()).device
@@ -98,13 +89,10 @@ class StatsCache:
             tensors, hessian_of = loaded
             return cls({k: v.to(device) for k, v in tensors.items()}, hessian_of)
         tensors, hessian_of = compute_stats(model, tokenizer, key, data_dir, cache_root, progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        meta = {"ident": ident, "sha256": _sha256(Path(tmp)), "hessian_of": hessian_of}
-        _atomic_write_text(meta_path, json.dumps(meta))  # checksum first: a data file without it is unused
-        os.replace(tmp, data_path)
+        with atomic_path(data_path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+            meta = {"ident": ident, "sha256": file_sha256(tmp), "hessian_of": hessian_of}
+            atomic_write_json(meta_path, meta)  # checksum first: a data file without it is unused
         return cls(tensors, hessian_of)
 
     @staticmethod
@@ -114,19 +102,10 @@ class StatsCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("ident") != ident or _sha256(data_path) != meta.get("sha256"):
+            if meta.get("ident") != ident or file_sha256(data_path) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
             return load_file(data_path), meta["hessian_of"]
         except Exception:  # truncated, corrupted or foreign: recompute rather than trust it
             data_path.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
             return None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fitness.evaluator import FIDELITIES, REASONS
-from metric_search.rundir import CHECKPOINT, atomic_write_json
+from metric_search.rundir import CHECKPOINT
 from pruning_core.errors import UsageError
+from pruning_core.files import atomic_write_json
 
 FORMAT = "metric-search-checkpoint"
 VERSION = 2  # 2: the top rung, per-setting values, the final check

@@ -90,6 +90,7 @@ def cmd_search(argv: list[str]) -> int:
     from metric_search.report import write_report
     from metric_search.results import hall_of_fame_entries, load_run
     from metric_search.search import Search, start_run
+    from pruning_core import files
 
     plan = plan_search(argv)
     started = time.monotonic()
@@ -102,7 +103,7 @@ def cmd_search(argv: list[str]) -> int:
             start_run(plan.settings, plan.run_dir, plan.run_id, x)
         elif plan.settings.as_dict() != plan.resume_config["settings"]:
             config = {**plan.resume_config, "settings": plan.settings.as_dict()}
-            rundir.atomic_write_json(plan.run_dir / rundir.CONFIG, config)
+            files.atomic_write_json(plan.run_dir / rundir.CONFIG, config)
         search = Search(plan.settings, x, plan.run_dir)
         try:
             state = search.run()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from metric_search.engine import comparison_group
 from metric_search.results import load_run
-from metric_search.rundir import atomic_write_text
 from primitives.scorer import FormulaScorer
 from pruning_core.errors import UsageError
+from pruning_core.files import atomic_write_text
 from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, user_plugin_dir, validate_plugin
 from pruning_core.scorers.base import registered
 from pruning_core.updates import stats_with_update

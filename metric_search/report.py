@@ -12,6 +12,7 @@ from metric_search.checkpoint import SearchState
 from metric_search.results import baseline_entries, hall_of_fame_entries
 from primitives import parse_formula
 from primitives.tree import size
+from pruning_core import files
 
 FIDELITY_LABELS = {
     "proxy": "proxy (layer reconstruction error)",
@@ -36,7 +37,7 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    rundir.atomic_write_bytes(path, buffer.getvalue())
+    files.atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_fitness(state: SearchState, path: Path) -> None:
@@ -290,4 +291,4 @@ def write_report(run_dir: Path, config: dict, state: SearchState) -> None:
     run_dir = Path(run_dir)
     plot_fitness(state, run_dir / rundir.FITNESS_PLOT)
     plot_pareto(state, run_dir / rundir.PARETO_PLOT)
-    rundir.atomic_write_text(run_dir / rundir.REPORT, render_report(config, state))
+    files.atomic_write_text(run_dir / rundir.REPORT, render_report(config, state))

@@ -12,6 +12,7 @@ from metric_search import rundir
 from metric_search.checkpoint import SearchState, encode_result, load_checkpoint
 from metric_search.config import CONFIG_VERSION, SearchSettings, settings_from_dict
 from primitives import parse_formula
+from pruning_core import files
 from pruning_core.errors import UsageError
 
 
@@ -82,7 +83,7 @@ def baseline_entries(state: SearchState) -> dict:
 
 def write_progress_files(run_dir: Path, config: dict, state: SearchState) -> None:
     """hall_of_fame.json and generations.jsonl, rewritten whole (atomically) from the state."""
-    rundir.atomic_write_json(
+    files.atomic_write_json(
         run_dir / rundir.HALL_OF_FAME,
         {
             "run_id": config["run_id"],
@@ -95,4 +96,4 @@ def write_progress_files(run_dir: Path, config: dict, state: SearchState) -> Non
         },
     )
     lines = "".join(json.dumps(h, sort_keys=True, allow_nan=False) + "\n" for h in state.history)
-    rundir.atomic_write_text(run_dir / rundir.GENERATIONS, lines)
+    files.atomic_write_text(run_dir / rundir.GENERATIONS, lines)

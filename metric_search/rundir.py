@@ -1,16 +1,15 @@
-"""The run directory: file names, run ids, and writes that a kill can never leave half-done
-(temp file in the same folder, fsync, os.replace, fsync of the folder)."""
+"""The run directory: file names, run ids and temps a killed write left (written through
+``pruning_core.files``, which a kill never leaves half-done)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from pruning_core.errors import UsageError
+from pruning_core.files import TEMP_SUFFIX
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.json"
@@ -24,56 +23,11 @@ VALIDATION = "validation.md"
 VALIDATION_JSON = "validation.json"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not open folders; the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-def drop_torn_tail(path: str | os.PathLike) -> None:
-    """A kill during an append can leave a last line without its newline; cut it so the next append
-    starts a fresh line (the memo skips such a line, but would glue the next record onto it)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
-
-
 def remove_stale_temps(folder: str | os.PathLike) -> None:
     """Temp files of writes a kill interrupted; their targets still hold the previous version."""
-    for stale in Path(folder).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    for stale in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def new_run_id(model: str, seed: int) -> str:

@@ -31,6 +31,7 @@ from metric_search.selection import (
 )
 from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
+from pruning_core import files
 from pruning_core.errors import UsageError
 
 
@@ -64,7 +65,7 @@ def start_run(settings: SearchSettings, run_dir: Path, run_id: str, execution: E
             "address": execution.address,
         },
     }
-    rundir.atomic_write_json(run_dir / rundir.CONFIG, config)
+    files.atomic_write_json(run_dir / rundir.CONFIG, config)
     save_checkpoint(run_dir, SearchState(rng=Engine(settings).rng.getstate()))
 
 
@@ -324,7 +325,6 @@ class Search:
 
         s, x = self.settings, self.execution
         rundir.remove_stale_temps(self.run_dir)
-        rundir.drop_torn_tail(self.run_dir / rundir.CANDIDATES)
         memo = Memo(self.run_dir / rundir.CANDIDATES)
         population = [self.engine.from_text(formula) for formula, _ in self.state.population]
         started_ray = cluster.connect(x.address, x.workers * x.threads, x.use_gpu)

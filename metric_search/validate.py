@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from metric_search import rundir
 from metric_search.engine import comparison_group
 from metric_search.results import load_run
+from pruning_core import files
 from pruning_core.errors import UsageError
 from pruning_core.masks import parse_setting
 from pruning_core.scorers import SparsitySpec
@@ -236,5 +237,5 @@ def _default_group(scorer_name: str) -> str:
 
 
 def _write(run, settings, plan, rows, records, dense) -> None:
-    rundir.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, records, dense))
-    rundir.atomic_write_json(run.path / rundir.VALIDATION_JSON, _summary(run, settings, records, dense))
+    files.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, records, dense))
+    files.atomic_write_json(run.path / rundir.VALIDATION_JSON, _summary(run, settings, records, dense))

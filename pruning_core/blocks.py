@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 from torch import nn
@@ -98,3 +99,24 @@ def capture_inputs(
     finally:
         handle.remove()
     return BlockInputs(hidden, args, kwargs, store)
+
+
+def model_fingerprint(model) -> str:
+    """Identity of the weights: config plus a float64 checksum of every parameter (cheap, order-aware)."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().double().flatten()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 7 + 1
+            digest.update(f"{name}:{flat.sum().item():.10e}:{(flat * weights).sum().item():.10e}".encode())
+    return digest.hexdigest()[:20]
+
+
+def prunable_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name (embeddings and lm_head excluded)."""
+    prefix, blocks = find_blocks(model)
+    return {
+        f"{prefix}.{index}.{name}": linear
+        for index, block in enumerate(blocks)
+        for name, linear in block_linears(block).items()
+    }

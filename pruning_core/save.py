@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from pruning_core.files import atomic_dir
 
 
 def save_pruned(model, tokenizer, directory: str | os.PathLike, record: dict) -> Path:
@@ -16,16 +16,8 @@ def save_pruned(model, tokenizer, directory: str | os.PathLike, record: dict) ->
         from pruning_core.errors import UsageError
 
         raise UsageError(f"--save {target} exists and is not empty; pass a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "pruning.json").write_text(json.dumps(record, indent=2, sort_keys=True))
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

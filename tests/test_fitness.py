@@ -12,8 +12,8 @@ import torch
 from fitness.memo import Memo
 from fitness.setup import EvaluatorSettings, build_evaluator
 from primitives.scorer import FormulaScorer
+from pruning_core.blocks import prunable_linears
 from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
-from pruning_core.gradients import prunable_linears
 from pruning_core.models import load_model
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers import SparsitySpec, get_scorer

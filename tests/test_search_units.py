@@ -42,6 +42,7 @@ from metric_search.validate import parse_patterns
 from primitives import canonical_key, parse_formula
 from primitives.pset import tree_to_deap
 from primitives.tree import depth, size
+from pruning_core import files
 from pruning_core.errors import UsageError
 
 
@@ -141,8 +142,8 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 def test_atomic_write_is_all_or_nothing(tmp_path, monkeypatch):
     path = tmp_path / "file.json"
-    rundir.atomic_write_text(path, "x" * 100_000)
-    rundir.atomic_write_text(path, "short")
+    files.atomic_write_text(path, "x" * 100_000)
+    files.atomic_write_text(path, "short")
     assert path.read_text() == "short"
 
     def broken_replace(src, dst):
@@ -150,7 +151,7 @@ def test_atomic_write_is_all_or_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        rundir.atomic_write_text(path, "new content")
+        files.atomic_write_text(path, "new content")
     assert path.read_text() == "short"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]  # no temp file left behind
 
@@ -161,7 +162,7 @@ def test_torn_memo_line_is_cut_so_the_next_append_survives(tmp_path):
     memo.put("W", "proxy", {"fitness": 1.0, "reason": None})
     with open(path, "a") as fh:
         fh.write('{"canonical": "X", "fid')  # a kill in the middle of an append
-    rundir.drop_torn_tail(path)
+    files.drop_torn_tail(path)
     Memo(path).put("G", "ppl", {"fitness": 2.0, "reason": None})
     again = Memo(path)
     assert again.get("W", "proxy")["fitness"] == 1.0 and again.get("G", "ppl")["fitness"] == 2.0
