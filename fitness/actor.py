@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from fitness.setup import EvaluatorSettings, build_evaluator
 
 
 class EvaluatorActor:
-    """Plain class; ``remote_evaluator_class`` wraps it with ray.remote and the right resources."""
+    """Plain class; ``metric_search.dispatch`` wraps it with ray.remote and the right resources."""
 
     def __init__(self, settings: dict, threads: int = 1):
         import torch
@@ -18,14 +16,3 @@ class EvaluatorActor:
 
     def evaluate(self, formula: str, fidelity: str = "ppl") -> dict:
         return self.evaluator.evaluate_text(formula, fidelity)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
-def remote_evaluator_class(use_gpu: bool, threads: int = 1):
-    import ray
-
-    if use_gpu:
-        return ray.remote(num_gpus=1, num_cpus=threads, max_restarts=0)(EvaluatorActor)
-    return ray.remote(num_cpus=threads, max_restarts=0)(EvaluatorActor)

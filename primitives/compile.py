@@ -85,8 +85,3 @@ def compile_formula(tree_or_text, group: str = "row") -> CompiledFormula:
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return compiled
-
-
-def clear_cache() -> None:
-    with _lock:
-        _cache.clear()

@@ -11,7 +11,7 @@ weights. Statistics are a dict keyed by name, each aligned with the layer's weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -40,7 +40,6 @@ class Solver:
     stats: tuple[str, ...] = ("hessian",)
     default_group: str = "row"
     reference: str = ""
-    options: dict = field(default_factory=dict)
 
     def prune(self, weight: torch.Tensor, stats: dict[str, torch.Tensor], spec: SparsitySpec) -> torch.Tensor:
         raise NotImplementedError
