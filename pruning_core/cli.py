@@ -71,7 +71,7 @@ def cmd_eval(args) -> int:
             f"over {result['windows']} windows ({result['seconds']:.1f} s)"
         )
     if args.tasks:
-        result["zeroshot"] = _zeroshot(model, tokenizer, args)
+        result["zeroshot"] = _zeroshot(model, tokenizer, args.tasks, args)
         lines.append(f"{args.model} zero-shot {args.tasks}: {_mean_acc_text(result['zeroshot'])}")
     result.update(peak_memory_mb())
     emit(result, args.json, "\n".join(lines))
@@ -83,12 +83,10 @@ def _mean_acc_text(zeroshot: dict) -> str:
     return "no accuracy reported" if mean is None else f"mean acc {mean:.4f}"
 
 
-def _zeroshot(model, tokenizer, args) -> dict:
+def _zeroshot(model, tokenizer, tasks: str, args) -> dict:
     from pruning_core.zeroshot import evaluate_zeroshot, parse_tasks
 
-    return evaluate_zeroshot(
-        model, tokenizer, parse_tasks(args.tasks), limit=args.limit, data_dir=args.data_dir
-    )
+    return evaluate_zeroshot(model, tokenizer, parse_tasks(tasks), limit=args.limit, data_dir=args.data_dir)
 
 
 def cmd_prune(args) -> int:
@@ -156,8 +154,7 @@ def cmd_prune(args) -> int:
             eval=args.eval, ppl=ppl["ppl"], eval_windows=ppl["windows"], seconds_eval=ppl["seconds"]
         )
     if args.eval_tasks:
-        args.tasks = args.eval_tasks
-        result["zeroshot"] = _zeroshot(model, tokenizer, args)
+        result["zeroshot"] = _zeroshot(model, tokenizer, args.eval_tasks, args)
     if args.save:
         from pruning_core.save import save_pruned
 
