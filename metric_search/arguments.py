@@ -27,6 +27,11 @@ RESUMABLE = {
 }  # fmt: skip
 
 
+# Defaults that do not depend on the profile: the settings dataclasses' own (help text and pick read them).
+SEARCH_DEFAULTS = SearchSettings(generations=0, population=0)
+EVALUATOR_DEFAULTS = SEARCH_DEFAULTS.evaluator
+
+
 def _both(name: str) -> str:
     """Help text of a profile default, from the profiles themselves (so it cannot drift)."""
     return ", ".join(f"{profile} {values[name]:g}" for profile, values in PROFILES.items())
@@ -43,17 +48,29 @@ def search_parser() -> OneLineParser:
     g = p.add_argument_group("evolution")
     g.add_argument("--generations", type=int, help=_both("generations"))
     g.add_argument("--population", type=int, help=_both("population"))
-    g.add_argument("--seed", type=int, help="fixes the whole search (default 0)")
-    g.add_argument("--cx-prob", type=float, help="subtree crossover probability per pair (0.6)")
+    g.add_argument("--seed", type=int, help=f"fixes the whole search (default {SEARCH_DEFAULTS.seed})")
     g.add_argument(
-        "--mut-prob", type=float, help="mutation probability per child: subtree/point/shrink (0.3)"
+        "--cx-prob", type=float, help=f"subtree crossover probability per pair ({SEARCH_DEFAULTS.cx_prob:g})"
     )
-    g.add_argument("--tournament", type=int, help="tournament size (3)")
-    g.add_argument("--elite", type=int, help="best distinct formulas kept unchanged each generation (2)")
-    g.add_argument("--hof-size", type=int, help="hall of fame size (10)")
-    g.add_argument("--init-depth", help="ramped half-and-half depth range MIN:MAX (2:3)")
-    g.add_argument("--max-depth", type=int, help="bloat control: deepest tree (6)")
-    g.add_argument("--max-size", type=int, help="bloat control: most nodes (24)")
+    g.add_argument(
+        "--mut-prob",
+        type=float,
+        help=f"mutation probability per child: subtree/point/shrink ({SEARCH_DEFAULTS.mut_prob:g})",
+    )
+    g.add_argument("--tournament", type=int, help=f"tournament size ({SEARCH_DEFAULTS.tournament})")
+    g.add_argument(
+        "--elite",
+        type=int,
+        help=f"best distinct formulas kept unchanged each generation ({SEARCH_DEFAULTS.elite})",
+    )
+    g.add_argument("--hof-size", type=int, help=f"hall of fame size ({SEARCH_DEFAULTS.hof_size})")
+    g.add_argument(
+        "--init-depth",
+        help="ramped half-and-half depth range MIN:MAX "
+        f"({SEARCH_DEFAULTS.init_min_depth}:{SEARCH_DEFAULTS.init_max_depth})",
+    )
+    g.add_argument("--max-depth", type=int, help=f"bloat control: deepest tree ({SEARCH_DEFAULTS.max_depth})")
+    g.add_argument("--max-size", type=int, help=f"bloat control: most nodes ({SEARCH_DEFAULTS.max_size})")
     g.add_argument(
         "--seed-formulas",
         help=f"initial formulas: comma list of known names or formula texts, or none ({DEFAULT_SEEDS})",
@@ -65,19 +82,19 @@ def search_parser() -> OneLineParser:
     )
     f.add_argument("--sparsity", type=float, help="one unstructured setting instead of --settings")
     f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
-    f.add_argument("--group", help="row or matrix (row)")
+    f.add_argument("--group", help=f"row or matrix ({EVALUATOR_DEFAULTS.group})")
     f.add_argument(
         "--update",
         help="weight update after each candidate's mask: none, obs (SparseGPT's update for a fixed "
         "mask: the search then looks for the best mask for that update) or adaptive (the candidate "
         "re-chooses each span's mask inside that update: the search looks for a selection criterion "
-        "like SparseGPT's) (none)",
+        f"like SparseGPT's) ({EVALUATOR_DEFAULTS.update})",
     )
-    f.add_argument("--calib", help="calibration corpus (c4)")
+    f.add_argument("--calib", help=f"calibration corpus ({EVALUATOR_DEFAULTS.calib})")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
     f.add_argument("--seqlen", type=int, help=f"calibration window length ({_both('seqlen')})")
-    f.add_argument("--calib-seed", type=int, help="calibration sampling seed (0)")
-    f.add_argument("--fitness-data", help="fitness corpus (wikitext2-valid)")
+    f.add_argument("--calib-seed", type=int, help=f"calibration sampling seed ({EVALUATOR_DEFAULTS.seed})")
+    f.add_argument("--fitness-data", help=f"fitness corpus ({EVALUATOR_DEFAULTS.fitness_data})")
     f.add_argument(
         "--fitness-windows",
         type=int,
@@ -138,7 +155,7 @@ def explicit_flags(parser, argv: list[str]) -> set[str]:
 
 def _init_depth(text: str | None) -> tuple[int, int]:
     if text is None:
-        return 2, 3
+        return SEARCH_DEFAULTS.init_min_depth, SEARCH_DEFAULTS.init_max_depth
     parts = text.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"--init-depth must be MIN:MAX with integers (e.g. 1:3), got {text!r}")
@@ -190,23 +207,23 @@ def settings_from_args(args) -> SearchSettings:
 
     patterns = _patterns(args)
     for flag, name in (
-        ("--calib", pick("calib", "c4")),
-        ("--fitness-data", pick("fitness_data", "wikitext2-valid")),
+        ("--calib", pick("calib", EVALUATOR_DEFAULTS.calib)),
+        ("--fitness-data", pick("fitness_data", EVALUATOR_DEFAULTS.fitness_data)),
     ):
         if name not in CORPORA:
             raise UsageError(f"unknown {flag} {name!r}; choose one of: {', '.join(CORPORA)}")
     evaluator = EvaluatorSettings(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
-        calib=pick("calib", "c4"), nsamples=pick("nsamples", profile["nsamples"]),
-        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", 0), patterns=patterns,
-        group=pick("group", "row"), fitness_data=pick("fitness_data", "wikitext2-valid"),
+        calib=pick("calib", EVALUATOR_DEFAULTS.calib), nsamples=pick("nsamples", profile["nsamples"]),
+        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", EVALUATOR_DEFAULTS.seed), patterns=patterns,
+        group=pick("group", EVALUATOR_DEFAULTS.group), fitness_data=pick("fitness_data", EVALUATOR_DEFAULTS.fitness_data),
         fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
         top_windows=pick("top_windows", profile["top_windows"]),
         fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
-        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", "none"),
+        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", EVALUATOR_DEFAULTS.update),
     )  # fmt: skip
     min_depth, max_depth = _init_depth(args.init_depth)
-    defaults = SearchSettings(generations=profile["generations"], population=profile["population"])
+    defaults = SEARCH_DEFAULTS
     settings = SearchSettings(
         generations=pick("generations", profile["generations"]),
         population=pick("population", profile["population"]),

@@ -414,3 +414,39 @@ def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
         60.0,
     )
     assert replace(extended, generations=4, evaluator=saved.evaluator) == saved
+
+
+def test_every_default_in_search_help_is_the_one_the_search_uses():
+    """Help text and resolved settings come from one source; a literal that drifts fails here."""
+    import re
+
+    from metric_search.arguments import execution_from_args, search_parser, settings_from_args
+    from metric_search.config import PROFILES
+
+    parser = search_parser()
+    helps = {option: action.help for action in parser._actions for option in action.option_strings}
+    for profile in PROFILES:
+        args = parser.parse_args(["--profile", profile])
+        s, x = settings_from_args(args), execution_from_args(args, "cpu")
+        e = s.evaluator
+        resolved = {
+            "--generations": s.generations, "--population": s.population, "--seed": s.seed,
+            "--cx-prob": s.cx_prob, "--mut-prob": s.mut_prob, "--tournament": s.tournament, "--elite": s.elite,
+            "--hof-size": s.hof_size, "--init-depth": f"{s.init_min_depth}:{s.init_max_depth}",
+            "--max-depth": s.max_depth, "--max-size": s.max_size, "--group": e.group, "--update": e.update,
+            "--calib": e.calib, "--nsamples": e.nsamples, "--seqlen": e.calib_seqlen, "--calib-seed": e.seed,
+            "--fitness-data": e.fitness_data, "--fitness-windows": e.fitness_windows,
+            "--top-windows": e.top_windows, "--fitness-seqlen": e.fitness_seqlen, "--confirm": s.confirm,
+            "--promote": s.promote, "--tune": s.tune, "--final-top": s.final_top,
+            "--final-windows": s.final_windows, "--threads": x.threads, "--candidate-timeout": x.candidate_timeout,
+        }  # fmt: skip
+        for flag, value in resolved.items():
+            text = helps[flag]
+            found = re.search(rf"\b{profile} ([^,;)]+)", text) or re.findall(
+                r"\((?:default )?([^()]+)\)", text
+            )
+            shown = found.group(1) if isinstance(found, re.Match) else found[-1]
+            if isinstance(value, (int, float)):
+                assert float(shown) == float(value), (profile, flag, text)
+            else:
+                assert shown == value, (profile, flag, text)
