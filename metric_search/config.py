@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from fitness.setup import EvaluatorSettings
 from pruning_core.errors import UsageError
 from pruning_core.masks import parse_settings
+from pruning_core.spec import check_group
 
 CONFIG_VERSION = 2  # 2: several sparsity settings, a three-rung fidelity ladder, the final check
 SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for the fitness loop
@@ -163,7 +164,7 @@ def check_search(settings: SearchSettings) -> None:
         e.fitness_data != "wikitext2-test" and e.calib != "wikitext2-test",
         "wikitext2-test is for reported numbers only; search on wikitext2-valid or c4 (--fitness-data, --calib)",
     )
-    _check(e.group in ("row", "matrix"), f"unknown --group {e.group!r}; use row or matrix")
+    check_group(e.group, "--group")
     _check(
         e.update in SEARCH_UPDATES,
         f"--update {e.update!r} is not available to the search; use none, obs or adaptive (refit is too slow "

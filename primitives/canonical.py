@@ -20,10 +20,10 @@ from sympy import S
 
 from primitives.grammar import parse_formula
 from primitives.printer import format_formula
-from primitives.rank import GROUPS, rank_canonical
+from primitives.rank import rank_canonical
 from primitives.symbolic import Unrepresentable, fold_constants, from_sympy, reevaluate, to_sympy
 from primitives.tree import Expr, size
-from pruning_core.errors import UsageError
+from pruning_core.spec import check_group
 
 MAX_SYMBOLIC_NODES = 255
 _INVALID = (S.NaN, S.ComplexInfinity, S.Infinity, S.NegativeInfinity, S.ImaginaryUnit)
@@ -31,12 +31,6 @@ _INVALID = (S.NaN, S.ComplexInfinity, S.Infinity, S.NegativeInfinity, S.Imaginar
 
 def _as_tree(tree_or_text) -> Expr:
     return parse_formula(tree_or_text) if isinstance(tree_or_text, str) else tree_or_text
-
-
-def check_group(group: str) -> str:
-    if group not in GROUPS:
-        raise UsageError(f"unknown comparison group {group!r}; use 'row' (also for N:M) or 'matrix'")
-    return group
 
 
 def _symbolic(folded: Expr, group: str) -> Expr | None:

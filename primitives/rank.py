@@ -27,7 +27,6 @@ from primitives.ops import INCREASING_HEADS
 from primitives.symbolic import number_value
 from primitives.sympy_funcs import inv, is_scalar, minus_leads, plog, rowl2, rownorm, unit_leading
 
-GROUPS = ("row", "matrix")
 _MAX_STEPS = 64
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from primitives.canonical import canonical_key, check_group
+from primitives.canonical import canonical_key
 from primitives.compile import compile_formula
 from primitives.grammar import parse_formula
 from primitives.known import KNOWN_FORMULAS
+from pruning_core.spec import check_group
 
 
 class FormulaScorer:

@@ -8,6 +8,7 @@ import time
 
 from pruning_core.cli_common import OneLineParser, add_model_flags, emit, run_cli
 from pruning_core.errors import UsageError
+from pruning_core.spec import check_group
 
 DEFAULT_EVAL_DATA = "wikitext2-test"
 
@@ -101,9 +102,7 @@ def cmd_prune(args) -> int:
     if args.plugins:
         add_plugin_dir(args.plugins)
     scorer = with_update(resolve_scorer(args.scorer, args.formula, args.group), args.update)
-    group = args.group or scorer.default_group
-    if group not in ("row", "matrix"):
-        raise UsageError(f"unknown --group {group!r}; use row or matrix")
+    group = check_group(args.group or scorer.default_group, "--group")
     spec = SparsitySpec(sparsity, n, m, group)
 
     from pruning_core.models import cache_dir, load_model
