@@ -93,15 +93,16 @@ class _Measurer:
     def nll(self, scorer) -> dict[str, np.ndarray]:
         from pruning_core.models import cache_dir, load_model
         from pruning_core.perplexity import window_nlls
-        from pruning_core.pruning import calibrate_and_prune
+        from pruning_core.pruning import Calibration, calibrate_and_prune
 
         e = self.settings.evaluator
         out = {}
         for label, spec in zip(e.patterns, e.specs):
             model, _ = load_model(e.model, e.dtype, e.device, e.cache_dir)
+            calibration = Calibration(e.calib, e.nsamples, e.calib_seqlen, e.seed)
             calibrate_and_prune(
-                model, scorer, spec, self.calib_tokens, nsamples=e.nsamples, seqlen=e.calib_seqlen, seed=e.seed,
-                calib_name=e.calib, cache_root=cache_dir(e.cache_dir), progress=self.progress,
+                model, scorer, spec, self.calib_tokens, calibration, cache_root=cache_dir(e.cache_dir),
+                progress=self.progress,
             )  # fmt: skip
             out[label] = window_nlls(model, self.windows).numpy()
             del model

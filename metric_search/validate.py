@@ -77,22 +77,13 @@ def plan_rows(run, top: int, baselines: str, update: str) -> list[Row]:
     return rows
 
 
-def dense_reference(
-    model_spec: str, seqlen: int, max_windows, device, dtype, data_dir, cache, tasks=None, limit=None
-) -> dict:
-    """The unpruned model's test ppl (and zero-shot accuracies with ``tasks``): the table's first row."""
-    from pruning_core.data import load_rows, tokenize_corpus
-    from pruning_core.models import load_model
-    from pruning_core.perplexity import make_windows, perplexity
+def dense_reference(source, evaluation, data_dir) -> dict:
+    """The unpruned model's test ppl (and zero-shot accuracies with tasks): the table's first row."""
+    from pruning_core.pipeline import evaluate
 
-    model, tokenizer = load_model(model_spec, dtype, device, cache)
-    windows = make_windows(tokenize_corpus(tokenizer, load_rows(EVAL_DATA, data_dir)), seqlen, max_windows)
-    dense = {"ppl": perplexity(model, windows, progress=False)["ppl"]}
-    if tasks:
-        from pruning_core.zeroshot import evaluate_zeroshot
-
-        dense["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, data_dir=data_dir)
-    return dense
+    model, tokenizer = source.load()
+    measured = evaluate(model, tokenizer, evaluation, data_dir)
+    return {"ppl": measured["ppl"], **({"zeroshot": measured["zeroshot"]} if "zeroshot" in measured else {})}
 
 
 def _table(title: str, labels: list[str], rows: list[Row], cells: dict, dense, digits: int) -> list[str]:
@@ -152,7 +143,8 @@ def validate_run(
 ) -> dict:
     """Fill the table cell by cell (rewriting validation.md / .json each time); return its data. The
     run's formulas get ``update`` (default: the run's own weight update)."""
-    from fitness.validate import validate_scorer
+    from pruning_core.pipeline import Evaluation, ModelSource, PruneJob, prune_and_evaluate
+    from pruning_core.pruning import Calibration
 
     run = load_run(run_dir)
     evaluator = run.settings.evaluator
@@ -169,36 +161,19 @@ def validate_run(
         "tasks": tasks,
         "limit": limit,
     }
-    common = {
-        "calib": settings["calib"],
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "seed": settings["calib_seed"],
-        "eval_data": EVAL_DATA,
-        "max_windows": max_windows,
-        "device": device,
-        "dtype": dtype,
-        "data_dir": data_dir,
-        "cache": cache,
-        "progress": progress,
-        "tasks": tasks,
-        "limit": limit,
-    }
-    dense = dense_reference(
-        evaluator.model, seqlen, max_windows, device, dtype, data_dir, cache, tasks, limit
-    )
+    source = ModelSource(evaluator.model, dtype, device, cache)
+    calibration = Calibration(settings["calib"], nsamples, seqlen, settings["calib_seed"])
+    evaluation = Evaluation(EVAL_DATA, seqlen, max_windows, tasks=tasks, limit=limit)
+    dense = dense_reference(source, evaluation, data_dir)
     records = []
     for label, (sparsity, n, m) in plan:
         for row in rows:
             group = "row" if m else (row.group or _default_group(row.scorer))
-            result = validate_scorer(
-                evaluator.model,
-                SparsitySpec(sparsity, n, m, group),
-                scorer_name=row.scorer,
-                formula=row.formula,
-                update=row.update,
-                **common,
-            )
+            job = PruneJob(
+                SparsitySpec(sparsity, n, m, group), source, row.scorer, row.formula, row.update,
+                calibration, evaluation=evaluation, data_dir=data_dir, progress=progress,
+            )  # fmt: skip
+            _, _, result = prune_and_evaluate(job)
             records.append(
                 {
                     "metric": row.label,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 
 from pruning_core.cli_common import OneLineParser, add_model_flags, emit, run_cli
 from pruning_core.errors import UsageError
@@ -20,15 +19,6 @@ def peak_memory_mb() -> dict:
     if torch.cuda.is_available():
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
-
-
-def _eval_windows(tokenizer, model, args, dataset: str):
-    from pruning_core.data import load_rows, tokenize_corpus
-    from pruning_core.perplexity import check_seqlen, make_windows
-
-    check_seqlen(model, args.seqlen)
-    rows = load_rows(dataset, args.data_dir)
-    return make_windows(tokenize_corpus(tokenizer, rows), args.seqlen, args.max_windows)
 
 
 def _check_eval_flags(args) -> None:
@@ -54,25 +44,36 @@ def eval_dataset(args) -> str | None:
     return None if args.tasks else DEFAULT_EVAL_DATA
 
 
+def _evaluation(args, data: str | None, tasks: str | None):
+    from pruning_core.pipeline import Evaluation
+
+    return Evaluation(data, args.seqlen, args.max_windows, args.batch_size, tasks, args.limit)
+
+
+def _source(args):
+    from pruning_core.pipeline import ModelSource
+
+    return ModelSource(args.model, args.dtype, args.device, args.cache_dir)
+
+
 def cmd_eval(args) -> int:
-    from pruning_core.models import load_model
-    from pruning_core.perplexity import perplexity
+    from pruning_core.pipeline import evaluate
 
     _check_eval_flags(args)
     dataset = eval_dataset(args)
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    model, tokenizer = _source(args).load()
     result = {"model": args.model}
+    result.update(
+        evaluate(model, tokenizer, _evaluation(args, dataset, args.tasks), args.data_dir, not args.json)
+    )
     lines = []
     if dataset:
-        windows = _eval_windows(tokenizer, model, args, dataset)
-        result.update(perplexity(model, windows, args.batch_size, progress=not args.json))
         result.update(data=dataset, seqlen=args.seqlen)
         lines.append(
             f"{args.model} {dataset} seqlen {args.seqlen}: ppl {result['ppl']:.4f} "
             f"over {result['windows']} windows ({result['seconds']:.1f} s)"
         )
     if args.tasks:
-        result["zeroshot"] = _zeroshot(model, tokenizer, args.tasks, args)
         lines.append(f"{args.model} zero-shot {args.tasks}: {_mean_acc_text(result['zeroshot'])}")
     result.update(peak_memory_mb())
     emit(result, args.json, "\n".join(lines))
@@ -84,16 +85,12 @@ def _mean_acc_text(zeroshot: dict) -> str:
     return "no accuracy reported" if mean is None else f"mean acc {mean:.4f}"
 
 
-def _zeroshot(model, tokenizer, tasks: str, args) -> dict:
-    from pruning_core.zeroshot import evaluate_zeroshot, parse_tasks
-
-    return evaluate_zeroshot(model, tokenizer, parse_tasks(tasks), limit=args.limit, data_dir=args.data_dir)
-
-
-def cmd_prune(args) -> int:
-    from pruning_core.data import load_rows, tokenize_corpus
+def prune_job(args):
+    """The PruneJob that ``prune``'s flags describe, and its resolved scorer (plugins loaded)."""
     from pruning_core.masks import parse_pattern
+    from pruning_core.pipeline import PruneJob
     from pruning_core.plugins import add_plugin_dir
+    from pruning_core.pruning import Calibration, Owl
     from pruning_core.scorers import SparsitySpec, resolve_scorer
     from pruning_core.updates import with_update
 
@@ -102,58 +99,40 @@ def cmd_prune(args) -> int:
     if args.plugins:
         add_plugin_dir(args.plugins)
     scorer = with_update(resolve_scorer(args.scorer, args.formula, args.group), args.update)
-    group = check_group(args.group or scorer.default_group, "--group")
-    spec = SparsitySpec(sparsity, n, m, group)
-
-    from pruning_core.models import cache_dir, load_model
-    from pruning_core.perplexity import check_seqlen, perplexity
-    from pruning_core.pruning import calibrate_and_prune
-
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
-    check_seqlen(model, args.seqlen)
-    started = time.perf_counter()
-    calib = tokenize_corpus(tokenizer, load_rows(args.calib, args.data_dir))
-    report = calibrate_and_prune(
-        model,
-        scorer,
-        spec,
-        calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        calib_name=args.calib,
-        cache_root=cache_dir(args.cache_dir),
-        owl=args.owl,
-        owl_m=args.owl_m,
-        owl_lambda=args.owl_lambda,
-        batch_size=args.calib_batch_size,
-        offload=args.offload_activations,
-        progress=not args.json,
+    spec = SparsitySpec(sparsity, n, m, check_group(args.group or scorer.default_group, "--group"))
+    calibration = Calibration(
+        args.calib, args.nsamples, args.seqlen, args.seed, args.calib_batch_size, args.offload_activations
     )
+    job = PruneJob(
+        spec, _source(args), args.scorer, args.formula, args.update, calibration,
+        Owl(args.owl_m, args.owl_lambda) if args.owl else None, _evaluation(args, args.eval, args.eval_tasks),
+        args.data_dir, progress=not args.json,
+    )  # fmt: skip
+    return job, scorer
+
+
+def cmd_prune(args) -> int:
+    from pruning_core.pipeline import prune_and_evaluate
+
+    job, scorer = prune_job(args)
+    model, tokenizer, outcome = prune_and_evaluate(job, scorer)
+    spec = job.spec
     result = {
-        "model": args.model,
-        "scorer": scorer.name,
-        "formula": args.formula,
-        "sparsity_target": sparsity,
-        "pattern": spec.describe(),
-        "group": group,
-        "update": args.update,
-        "calib": args.calib,
-        "nsamples": args.nsamples,
-        "seqlen": args.seqlen,
-        "seed": args.seed,
-        "owl": args.owl,
-        **report,
-        "seconds_total_prune": time.perf_counter() - started,
-    }
+        "model": args.model, "scorer": scorer.name, "formula": args.formula, "sparsity_target": spec.sparsity,
+        "pattern": spec.describe(), "group": spec.group, "update": args.update, "calib": args.calib,
+        "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "owl": args.owl,
+        **{k: outcome[k] for k in ("sparsity", "per_linear", "block_sparsities", "seconds_calibration",
+                                   "seconds_prune", "seconds_total_prune")},
+    }  # fmt: skip
     if args.eval:
-        windows = _eval_windows(tokenizer, model, args, args.eval)
-        ppl = perplexity(model, windows, args.batch_size, progress=not args.json)
         result.update(
-            eval=args.eval, ppl=ppl["ppl"], eval_windows=ppl["windows"], seconds_eval=ppl["seconds"]
+            eval=args.eval,
+            ppl=outcome["ppl"],
+            eval_windows=outcome["windows"],
+            seconds_eval=outcome["seconds"],
         )
     if args.eval_tasks:
-        result["zeroshot"] = _zeroshot(model, tokenizer, args.eval_tasks, args)
+        result["zeroshot"] = outcome["zeroshot"]
     if args.save:
         from pruning_core.save import save_pruned
 
@@ -164,7 +143,7 @@ def cmd_prune(args) -> int:
     emit(
         result,
         args.json,
-        f"{scorer.name} {spec.describe()} ({group}): sparsity "
+        f"{scorer.name} {spec.describe()} ({spec.group}): sparsity "
         f"{result['sparsity']:.4f}{ppl_text}, prune {result['seconds_prune']:.1f} s",
     )
     return 0

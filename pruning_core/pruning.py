@@ -4,6 +4,7 @@ block sparsities, then the sequential driver."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,38 +27,56 @@ def owl_block_sparsities(model, windows, target: float, m: float, lam: float, **
     return owl_sparsities(ratios, target, lam)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Which tokens calibrate the pruning, and how they pass through the model."""
+
+    data: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8  # windows per forward pass
+    offload: bool = False  # keep the activations between blocks on CPU
+
+    def key(self) -> dict:
+        """What the statistics depend on (the gradient cache's key)."""
+        return {"calib": self.data, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Owl:
+    """Outlier-weighted layer-wise sparsity: outliers are |W| * ||X|| above ``m`` times the layer mean;
+    block sparsities span 2 * ``lam`` around the target."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+
 def calibrate_and_prune(
     model,
     scorer,
     spec: SparsitySpec,
     calib_tokens: torch.Tensor,
+    calibration: Calibration,
     *,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    calib_name: str,
+    owl: Owl | None = None,
     cache_root=None,
-    owl: bool = False,
-    owl_m: float = 5.0,
-    owl_lambda: float = 0.08,
     sequential: bool = True,
-    batch_size: int = 8,
-    offload: bool = False,
     progress: bool = True,
 ) -> dict:
     """Prune ``model`` in place; return measured sparsity (overall, per linear) and timings."""
+    c = calibration
     started = time.perf_counter()
-    windows = calibration_windows(calib_tokens, nsamples, seqlen, seed)
+    windows = calibration_windows(calib_tokens, c.nsamples, c.seqlen, c.seed)
     gradients = None
     if "G" in scorer.stats:
         from pruning_core.gradients import gradient_magnitudes
 
-        key = {"calib": calib_name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-        gradients = gradient_magnitudes(model, windows, key, cache_root, progress)
-    walk = {"batch_size": batch_size, "offload": offload, "progress": progress}
+        gradients = gradient_magnitudes(model, windows, c.key(), cache_root, progress)
+    walk = {"batch_size": c.batch_size, "offload": c.offload, "progress": progress}
     block_sparsities = None
-    if owl and not spec.is_nm:
-        block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl_m, owl_lambda, **walk)
+    if owl is not None and not spec.is_nm:
+        block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl.m, owl.lam, **walk)
     calibrated = time.perf_counter()
     per_linear = prune_model(
         model,

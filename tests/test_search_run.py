@@ -21,7 +21,7 @@ from pruning_core.data import load_rows, tokenize_corpus
 from pruning_core.models import load_model
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.plugins import validate_plugin
-from pruning_core.pruning import calibrate_and_prune
+from pruning_core.pruning import Calibration, calibrate_and_prune
 from pruning_core.scorers import SparsitySpec, get_scorer
 from pruning_core.zeroshot import evaluate_zeroshot
 
@@ -29,12 +29,14 @@ RUN_FILES = ["config.json", "checkpoint.json", "generations.jsonl", "candidates.
              "fitness.png", "pareto.png", "report.md"]  # fmt: skip
 
 
+CALIBRATION = Calibration("c4", nsamples=4, seqlen=32, seed=0)  # the search fixtures' calibration
+
+
 def one_shot_ppl(model_path, cache, formula: str, windows: int = 2) -> float:
     """The pruning core's one-shot pruning with the formula, then perplexity: no fitness code involved."""
     model, tokenizer = load_model(str(model_path))
     calibrate_and_prune(model, FormulaScorer(formula), SparsitySpec(0.5),
-                        tokenize_corpus(tokenizer, load_rows("c4")), nsamples=4, seqlen=32, seed=0,
-                        calib_name="c4", cache_root=Path(cache), sequential=False, progress=False)  # fmt: skip
+                        tokenize_corpus(tokenizer, load_rows("c4")), CALIBRATION, cache_root=Path(cache), sequential=False, progress=False)  # fmt: skip
     windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, windows)
     return perplexity(model, windows, progress=False)["ppl"]
 
@@ -86,7 +88,7 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
     assert [r["formula"] for r in final["rows"]] == run.state.hall_of_fame[: run.settings.final_top]
     model, tokenizer = load_model(str(search_model))
     calibrate_and_prune(model, get_scorer("wanda"), SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")),
-                        nsamples=4, seqlen=32, seed=0, calib_name="c4", cache_root=Path(search_cache),
+                        CALIBRATION, cache_root=Path(search_cache),
                         progress=False)  # fmt: skip
     held_out = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
     held_out = held_out[e.top_windows : e.top_windows + run.settings.final_windows]
@@ -160,7 +162,7 @@ def test_validate_fills_the_test_table_like_the_sequential_driver(
     model, tokenizer = load_model(str(search_model))
     assert out["dense_zeroshot"]["tasks"] == evaluate_zeroshot(model, tokenizer, "rte", limit=8)["tasks"]
     calibrate_and_prune(model, get_scorer("wanda"), SparsitySpec(0.5, 2, 4), tokenize_corpus(tokenizer, load_rows("c4")),
-                        nsamples=4, seqlen=32, seed=0, calib_name="c4", cache_root=Path(search_cache), progress=False)  # fmt: skip
+                        CALIBRATION, cache_root=Path(search_cache), progress=False)  # fmt: skip
     windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-test")), 32, 2)
     wanda = cells[("wanda", "2:4")]
     assert wanda["ppl"] == pytest.approx(perplexity(model, windows, progress=False)["ppl"], rel=1e-6)
@@ -191,8 +193,7 @@ def test_validate_and_export_carry_a_weight_update(three_generations, search_mod
     for label, scorer in ((f"#1 `{best}` +refit", with_update(FormulaScorer(best), "refit")),
                           ("wanda+obs", with_update(get_scorer("wanda"), "obs"))):  # fmt: skip
         model, tokenizer = load_model(str(search_model))
-        calibrate_and_prune(model, scorer, SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")), nsamples=4,
-                            seqlen=32, seed=0, calib_name="c4", cache_root=Path(search_cache), progress=False)  # fmt: skip
+        calibrate_and_prune(model, scorer, SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")), CALIBRATION, cache_root=Path(search_cache), progress=False)  # fmt: skip
         windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-test")), 32, 2)
         assert cells[label]["ppl"] == pytest.approx(
             perplexity(model, windows, progress=False)["ppl"], rel=1e-6
