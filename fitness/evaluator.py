@@ -44,7 +44,7 @@ UPDATE_BLOCK = 32
 def comparison_group(specs) -> str:
     """One group whose rank-equivalence holds for every setting: an order over a whole matrix is also
     the order within each row (and N:M group), not the other way round."""
-    return "matrix" if any(s.group == "matrix" and not s.is_nm for s in specs) else "row"
+    return "matrix" if any(s.whole_matrix for s in specs) else "row"
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Evaluator:
         if not bool(torch.isfinite(scores).all()):
             raise CandidateFailed("nonfinite", name)
         groups = scores.reshape(-1, spec.m) if spec.is_nm else scores
-        groups = groups.reshape(1, -1) if spec.group == "matrix" and not spec.is_nm else groups
+        groups = groups.reshape(1, -1) if spec.whole_matrix else groups
         if bool((groups == groups[:, :1]).all()):
             raise CandidateFailed("constant", name)
 
@@ -149,7 +149,7 @@ class Evaluator:
                 self._check(scores, spec, name)
                 if self.config.update == "adaptive":
                     continue  # chosen inside the update (_proxy_error)
-                if spec.group == "matrix" and not spec.is_nm:
+                if spec.whole_matrix:
                     per_spec[name] = keep_mask(scores, spec)[rows]
                 else:
                     per_spec[name] = keep_mask(scores[rows], spec)
