@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fitness.evaluator import Evaluator, FitnessConfig
-from fitness.stats_cache import CalibrationKey, StatsCache
+from fitness.stats_cache import StatsCache
 from pruning_core.masks import setting_spec
 from pruning_core.models import cache_dir, load_model
+from pruning_core.pruning import Calibration
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def resolved_numbers(settings: EvaluatorSettings) -> dict:
 
 def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Evaluator:
     model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
-    key = CalibrationKey(settings.calib, settings.nsamples, settings.calib_seqlen, settings.seed)
+    key = Calibration(settings.calib, settings.nsamples, settings.calib_seqlen, settings.seed)
     stats = StatsCache.load_or_compute(
         model, tokenizer, key, cache_dir(settings.cache_dir), settings.data_dir, progress=progress
     )

@@ -5,7 +5,6 @@ runs and processes (Ray actors) share them. A damaged file is detected, discarde
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,28 +14,18 @@ from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
 from pruning_core.files import atomic_path, atomic_write_json, file_sha256, key_digest
 from pruning_core.gradients import gradient_magnitudes
 from pruning_core.linalg import inverse_hessian_diag
+from pruning_core.pruning import Calibration
 from pruning_core.sequential import walk_blocks
 
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class CalibrationKey:
-    calib: str = "c4"
-    nsamples: int = 32
-    seqlen: int = 256
-    seed: int = 0
-
-    def as_dict(self) -> dict:
-        return {"calib": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
-
-
-def compute_stats(model, tokenizer, key: CalibrationKey, data_dir=None, cache_root=None, progress=True):
+def compute_stats(model, tokenizer, key: Calibration, data_dir=None, cache_root=None, progress=True):
     """Per prunable linear: X (in,), H = [H^-1]_jj (in,), G (out, in); Hessians shared by linears that
     read the same input (q/k/v, gate/up), referenced by name. Returns (tensors, hessian_of)."""
-    tokens = tokenize_corpus(tokenizer, load_rows(key.calib, data_dir))
+    tokens = tokenize_corpus(tokenizer, load_rows(key.data, data_dir))
     windows = calibration_windows(tokens, key.nsamples, key.seqlen, key.seed)
-    gradients = gradient_magnitudes(model, windows, key.as_dict(), cache_root, progress)
+    gradients = gradient_magnitudes(model, windows, key.key(), cache_root, progress)
     tensors: dict[str, torch.Tensor] = {}
     hessian_of: dict[str, str] = {}
 
@@ -75,11 +64,11 @@ class StatsCache:
 
     @classmethod
     def load_or_compute(
-        cls, model, tokenizer, key: CalibrationKey, cache_root: Path, data_dir=None, progress: bool = True
+        cls, model, tokenizer, key: Calibration, cache_root: Path, data_dir=None, progress: bool = True
     ) -> StatsCache:
         from safetensors.torch import load_file, save_file
 
-        ident = {"version": FORMAT_VERSION, "model": model_fingerprint(model), **key.as_dict()}
+        ident = {"version": FORMAT_VERSION, "model": model_fingerprint(model), **key.key()}
         name = key_digest(ident)
         folder = Path(cache_root) / "stats"
         data_path, meta_path = folder / f"{name}.safetensors", folder / f"{name}.json"

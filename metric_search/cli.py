@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from metric_search.arguments import (
@@ -146,6 +146,11 @@ def cmd_search(argv: list[str]) -> int:
 
 def cmd_validate(argv: list[str]) -> int:
     from metric_search.validate import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES, validate_run
+    from pruning_core.pipeline import ModelSource
+
+    def both(name: str) -> str:
+        shown = {profile: getattr(plan, name) for profile, plan in VALIDATE_PROFILES.items()}
+        return ", ".join(f"{profile} {'all' if value is None else value}" for profile, value in shown.items())
 
     p = OneLineParser(
         prog="python -m metric_search validate",
@@ -156,7 +161,7 @@ def cmd_validate(argv: list[str]) -> int:
     p.add_argument(
         "--profile", choices=sorted(VALIDATE_PROFILES), default="cpu", help="defaults for CPU or GPU"
     )
-    p.add_argument("--top", type=int, help="hall-of-fame formulas to validate (cpu 1, gpu 3)")
+    p.add_argument("--top", type=int, help=f"hall-of-fame formulas to validate ({both('top')})")
     p.add_argument("--patterns", default=DEFAULT_PATTERNS, help=f"comma list ({DEFAULT_PATTERNS})")
     p.add_argument(
         "--baselines",
@@ -164,11 +169,13 @@ def cmd_validate(argv: list[str]) -> int:
         help=f"comma list, each NAME or NAME+UPDATE like wanda+obs ({DEFAULT_BASELINES})",
     )
     p.add_argument(
-        "--update", default=None, help="weight update of the run's formulas: none, obs, refit (the run's)"
+        "--update",
+        default=None,
+        help="weight update of the run's formulas: none, obs, refit or adaptive (the run's)",
     )
-    p.add_argument("--nsamples", type=int, help="calibration windows (cpu 16, gpu 128)")
-    p.add_argument("--seqlen", type=int, help="calibration and evaluation window length (cpu 256, gpu 2048)")
-    p.add_argument("--max-windows", type=int, help="first N test windows (cpu 32, gpu all; 0 for all)")
+    p.add_argument("--nsamples", type=int, help=f"calibration windows ({both('nsamples')})")
+    p.add_argument("--seqlen", type=int, help=f"calibration and evaluation window length ({both('seqlen')})")
+    p.add_argument("--max-windows", type=int, help=f"first N test windows ({both('max_windows')}; 0 for all)")
     p.add_argument("--calib", default=None, help="calibration corpus (the run's)")
     p.add_argument("--tasks", default=None, help="zero-shot tasks per cell: 'zeroshot' or a comma list")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task")
@@ -184,9 +191,16 @@ def cmd_validate(argv: list[str]) -> int:
         raise UsageError(
             f"--limit {args.limit} must be a positive number of documents per task; drop it for all"
         )
-    profile = VALIDATE_PROFILES[args.profile]
-    chosen = {k: profile[k] if getattr(args, k) is None else getattr(args, k) for k in profile}
-    chosen["max_windows"] = chosen["max_windows"] or None  # 0: the whole test split
+    sized = {
+        k: getattr(args, k)
+        for k in ("top", "nsamples", "seqlen", "max_windows")
+        if getattr(args, k) is not None
+    }
+    plan = replace(
+        VALIDATE_PROFILES[args.profile], **sized, patterns=args.patterns, baselines=args.baselines,
+        calib=args.calib, tasks=args.tasks, limit=args.limit, update=args.update,
+    )  # fmt: skip
+    plan = replace(plan, max_windows=plan.max_windows or None)  # 0: the whole test split
 
     def show(cell):
         if not args.json:
@@ -195,11 +209,8 @@ def cmd_validate(argv: list[str]) -> int:
             )
             print(f"{cell['pattern']:>6} {cell['metric']}: ppl {cell['ppl']:.3f}{accuracy}", file=sys.stderr)
 
-    result = validate_run(
-        args.run_dir, patterns=args.patterns, baselines=args.baselines, calib=args.calib, device=args.device,
-        dtype=args.dtype, data_dir=args.data_dir, cache=args.cache_dir, on_cell=show, progress=not args.json,
-        tasks=args.tasks, limit=args.limit, update=args.update, **chosen,
-    )  # fmt: skip
+    machine = ModelSource(dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    result = validate_run(args.run_dir, plan, machine, args.data_dir, progress=not args.json, on_cell=show)
     emit(result, args.json, f"wrote {Path(args.run_dir) / 'validation.md'}")
     return 0
 

@@ -4,7 +4,7 @@ next to published metrics; a markdown table (and JSON) in the run directory, upd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from metric_search import rundir
 from metric_search.engine import comparison_group
@@ -21,9 +21,30 @@ EVAL_DATA = "wikitext2-test"
 # idle machine, 20 cells (one formula and four baselines at four patterns) ~15-20 min. GPU: the usual
 # paper setting (2048-token windows, 128 calibration windows, the whole test split). Both run the same
 # sequential driver.
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What ``validate`` measures: the run's best ``top`` formulas and ``baselines`` at ``patterns``,
+    calibrated on ``nsamples`` x ``seqlen`` tokens, on the first ``max_windows`` test windows (None:
+    all). ``calib``, ``calib_seed`` and the formulas' ``update``: None means the run's own."""
+
+    top: int = 3
+    patterns: str = DEFAULT_PATTERNS
+    baselines: str = DEFAULT_BASELINES
+    nsamples: int = 128
+    seqlen: int = 512
+    max_windows: int | None = None
+    calib: str | None = None
+    calib_seed: int | None = None
+    tasks: str | None = None  # zero-shot tasks per cell
+    limit: int | None = None  # zero-shot documents per task
+    update: str | None = None
+
+
 VALIDATE_PROFILES = {
-    "cpu": {"top": 1, "nsamples": 16, "seqlen": 256, "max_windows": 32},
-    "gpu": {"top": 3, "nsamples": 128, "seqlen": 2048, "max_windows": 0},
+    "cpu": ValidationPlan(top=1, nsamples=16, seqlen=256, max_windows=32),
+    "gpu": ValidationPlan(top=3, nsamples=128, seqlen=2048, max_windows=None),
 }
 
 
@@ -122,51 +143,35 @@ def render(run, settings: dict, patterns, rows: list[Row], records: list[dict], 
 
 
 def validate_run(
-    run_dir,
-    top: int = 3,
-    patterns: str = DEFAULT_PATTERNS,
-    baselines: str = DEFAULT_BASELINES,
-    nsamples: int = 128,
-    seqlen: int = 512,
-    max_windows: int | None = None,
-    calib: str | None = None,
-    calib_seed: int | None = None,
-    device=None,
-    dtype=None,
-    data_dir=None,
-    cache=None,
-    progress: bool = False,
-    on_cell=None,
-    tasks: str | None = None,
-    limit: int | None = None,
-    update: str | None = None,
+    run_dir, plan: ValidationPlan, machine=None, data_dir=None, progress: bool = False, on_cell=None
 ) -> dict:
-    """Fill the table cell by cell (rewriting validation.md / .json each time); return its data. The
-    run's formulas get ``update`` (default: the run's own weight update)."""
+    """Fill the table cell by cell (rewriting validation.md / .json each time); return its data.
+    ``machine``: a ModelSource whose dtype, device and cache dir are used (the model is the run's)."""
     from pruning_core.pipeline import Evaluation, ModelSource, PruneJob, prune_and_evaluate
     from pruning_core.pruning import Calibration
 
     run = load_run(run_dir)
     evaluator = run.settings.evaluator
-    if nsamples < 1 or seqlen < 8 or (max_windows is not None and max_windows < 1):
+    p = plan
+    if p.nsamples < 1 or p.seqlen < 8 or (p.max_windows is not None and p.max_windows < 1):
         raise UsageError("--nsamples and --max-windows must be >= 1 and --seqlen >= 8")
-    plan = parse_patterns(patterns, evaluator.patterns)
-    rows = plan_rows(run, top, baselines, evaluator.update if update is None else update)
+    patterns = parse_patterns(p.patterns, evaluator.patterns)
+    rows = plan_rows(run, p.top, p.baselines, evaluator.update if p.update is None else p.update)
     settings = {
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "max_windows": max_windows,
-        "calib": calib or evaluator.calib,
-        "calib_seed": evaluator.seed if calib_seed is None else calib_seed,
-        "tasks": tasks,
-        "limit": limit,
+        "nsamples": p.nsamples,
+        "seqlen": p.seqlen,
+        "max_windows": p.max_windows,
+        "calib": p.calib or evaluator.calib,
+        "calib_seed": evaluator.seed if p.calib_seed is None else p.calib_seed,
+        "tasks": p.tasks,
+        "limit": p.limit,
     }
-    source = ModelSource(evaluator.model, dtype, device, cache)
-    calibration = Calibration(settings["calib"], nsamples, seqlen, settings["calib_seed"])
-    evaluation = Evaluation(EVAL_DATA, seqlen, max_windows, tasks=tasks, limit=limit)
+    source = replace(machine or ModelSource(), name=evaluator.model)
+    calibration = Calibration(settings["calib"], p.nsamples, p.seqlen, settings["calib_seed"])
+    evaluation = Evaluation(EVAL_DATA, p.seqlen, p.max_windows, tasks=p.tasks, limit=p.limit)
     dense = dense_reference(source, evaluation, data_dir)
     records = []
-    for label, (sparsity, n, m) in plan:
+    for label, (sparsity, n, m) in patterns:
         for row in rows:
             group = "row" if m else (row.group or _default_group(row.scorer))
             job = PruneJob(
@@ -187,7 +192,7 @@ def validate_run(
                     **({"zeroshot": result["zeroshot"]} if "zeroshot" in result else {}),
                 }
             )
-            _write(run, settings, plan, rows, records, dense)
+            _write(run, settings, patterns, rows, records, dense)
             if on_cell is not None:
                 on_cell(records[-1])
     return _summary(run, settings, records, dense)
@@ -211,6 +216,8 @@ def _default_group(scorer_name: str) -> str:
     return resolve_scorer(scorer_name).default_group
 
 
-def _write(run, settings, plan, rows, records, dense) -> None:
-    files.atomic_write_text(run.path / rundir.VALIDATION, render(run, settings, plan, rows, records, dense))
+def _write(run, settings, patterns, rows, records, dense) -> None:
+    files.atomic_write_text(
+        run.path / rundir.VALIDATION, render(run, settings, patterns, rows, records, dense)
+    )
     files.atomic_write_json(run.path / rundir.VALIDATION_JSON, _summary(run, settings, records, dense))

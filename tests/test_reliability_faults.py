@@ -27,13 +27,14 @@ from search_fixtures import (
 )
 
 from fitness import stats_cache
-from fitness.stats_cache import CalibrationKey, StatsCache
+from fitness.stats_cache import StatsCache
 from metric_search import dispatch, rundir
 from metric_search.checkpoint import load_checkpoint
 from metric_search.cli import main
 from primitives import canonical_key, parse_formula
 from pruning_core.cli_common import run_cli
 from pruning_core.models import load_model
+from pruning_core.pruning import Calibration
 
 pytestmark = pytest.mark.reliability
 
@@ -284,7 +285,7 @@ def test_damaged_statistics_cache_is_detected_recomputed_and_not_used(search_mod
     from safetensors.torch import load_file
 
     model, tokenizer = load_model(str(search_model))
-    key = CalibrationKey(nsamples=4, seqlen=32)
+    key = Calibration(nsamples=4, seqlen=32)
     first = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
     (data_file,) = (tmp_path / "stats").glob("*.safetensors")
     suffix, damage_bytes = DAMAGES[damage]
