@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pruning_core.errors import UsageError
 from pruning_core.scorers.base import registered
-from pruning_core.spec import check_group
+from pruning_core.spec import GROUPS
 from pruning_core.updates import UPDATE_CHOICES, WithUpdate, stats_with_update
 
 PLUGIN_FORMAT = "metric-search-scorer"
@@ -76,7 +76,8 @@ def validate_plugin(data, origin: str) -> dict:
         raise UsageError(
             f"plugin {origin} has an invalid name {data['name']!r}; use lowercase letters, digits, -_."
         )
-    check_group(data["group"], f"group of plugin {origin}:")
+    if data["group"] not in GROUPS:
+        raise UsageError(f"plugin {origin} has group {data['group']!r}; use 'row' or 'matrix'")
     if data.get("update", "none") not in UPDATE_CHOICES:
         raise UsageError(
             f"plugin {origin} has update {data['update']!r}; use one of: {', '.join(UPDATE_CHOICES)}"
