@@ -59,12 +59,10 @@ def keep_mask(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
             raise UsageError(f"pattern {spec.n}:{spec.m} needs input size divisible by {spec.m}, got {cols}")
         grouped = scores.reshape(rows, cols // spec.m, spec.m)
         return _prune_lowest(grouped, spec.n).reshape(rows, cols)
-    if spec.group == "row":
-        return _prune_lowest(scores, round(spec.sparsity * cols))
-    if spec.group == "matrix":
+    if spec.whole_matrix:
         flat = scores.reshape(1, -1)
         return _prune_lowest(flat, round(spec.sparsity * flat.numel())).reshape(rows, cols)
-    raise UsageError(f"unknown group {spec.group!r}; use 'row' or 'matrix'")
+    return _prune_lowest(scores, round(spec.sparsity * cols))  # "row" (the spec checked its group)
 
 
 def parse_pattern(text: str | None, sparsity: float | None) -> tuple[float, int, int]:

@@ -73,7 +73,7 @@ def span_pruned(scores: torch.Tensor, first: int, spec: SparsitySpec) -> torch.T
     or over the whole span ("matrix"). Quotas are cumulative roundings, round(s * end) - round(s *
     start) per row (or times rows), so they telescope to exactly round(s * cols) per row (matrix)."""
     if spec.is_nm:
-        return ~keep_mask(scores, SparsitySpec(n=spec.n, m=spec.m))
+        return ~keep_mask(scores, spec)  # an N:M mask ignores the group
     rows, width = scores.shape
     unit = 1 if spec.group == "row" else rows
     quota = round(spec.sparsity * unit * (first + width)) - round(spec.sparsity * unit * first)
