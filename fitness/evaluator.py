@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fitness.stacks import LinearStack, gather_rows, stack_linears
 from fitness.stats_cache import StatsCache
 from pruning_core.blocks import prunable_linears
 from pruning_core.data import load_rows, tokenize_corpus
@@ -84,22 +85,26 @@ def geometric_mean(values) -> float:
 
 
 class Evaluator:
-    """Owns the model, a dense copy of its prunable weights, the statistics and the fitness windows."""
+    """Owns the model, its prunable linears stacked by shape (dense copies, statistics, sampled rows;
+    see ``fitness.stacks``) and the fitness windows."""
 
     def __init__(self, model, tokenizer, stats: StatsCache, config: FitnessConfig, data_dir=None):
         self.model, self.stats, self.config = model, stats, config
         self.linears = prunable_linears(model)
-        self.dense = {name: linear.weight.detach().clone() for name, linear in self.linears.items()}
         tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
+        generator = torch.Generator().manual_seed(0)
+        self.proxy_rows = {
+            name: torch.randperm(linear.weight.shape[0], generator=generator)[:PROXY_ROWS].to(
+                linear.weight.device
+            )
+            for name, linear in self.linears.items()
+        }
+        self.stacks = stack_linears(self.linears, stats, self.proxy_rows)
+        self.dense = {name: s.dense[i] for s in self.stacks for i, name in enumerate(s.names)}
         # built on first use, then reused by every candidate (see _proxy_stacks, _factor_stacks, _weight_stacks)
         self._proxy_stacked = self._factors = self._stacked = None
         self._span_cache: dict = {}
-        generator = torch.Generator().manual_seed(0)
-        self.proxy_rows = {
-            name: torch.randperm(w.shape[0], generator=generator)[:PROXY_ROWS].to(w.device)
-            for name, w in self.dense.items()
-        }
 
     @property
     def group(self) -> str:
@@ -113,75 +118,94 @@ class Evaluator:
             for name, linear in self.linears.items():
                 linear.weight.copy_(self.dense[name])
 
-    def _scores(self, scorer, name: str, deadline: float):
+    def _scores(self, scorer, stack: LinearStack, deadline: float, sampled: bool = False) -> torch.Tensor:
+        """Scores (S, out, in) of a stack, or (S, r, in) of its sampled rows (elementwise scorers
+        only): an elementwise scorer scores the stack in one call, any other linear by linear."""
         self._check_deadline(deadline)
-        dense = self.dense[name]
-        stats = self.stats.linear_stats(name)
-        scores = scorer.score(dense.float(), stats)
-        if scores.shape != dense.shape:
-            raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(dense.shape)}")
-        return dense, stats, scores
+        weights = stack.sampled if sampled else stack.dense
+        if getattr(scorer, "elementwise", False):
+            stats = (stack.sampled_stats if sampled else stack.stats)(self.stats, scorer.stats)
+            scores = scorer.score(weights, stats)
+        else:
+            scores = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
+            for index, name in enumerate(stack.names):
+                one = scorer.score(weights[index], self.stats.linear_stats(name))
+                if one.shape != weights[index].shape:
+                    raise CandidateFailed(
+                        "error", f"scores shape {tuple(one.shape)} != {tuple(weights[index].shape)}"
+                    )
+                scores[index] = one
+        if scores.shape != weights.shape:
+            raise CandidateFailed("error", f"scores shape {tuple(scores.shape)} != {tuple(weights.shape)}")
+        return scores
 
     @staticmethod
-    def _check(scores: torch.Tensor, spec: SparsitySpec, name: str) -> None:
-        """A bad candidate fails here: NaN / inf anywhere, or scores constant over every group (each
-        group's entries all equal its first one: elementwise, cheaper than a min / max per group)."""
-        if not bool(torch.isfinite(scores).all()):
-            raise CandidateFailed("nonfinite", name)
-        groups = scores.reshape(-1, spec.m) if spec.is_nm else scores
-        groups = groups.reshape(1, -1) if spec.whole_matrix else groups
-        if bool((groups == groups[:, :1]).all()):
-            raise CandidateFailed("constant", name)
-
-    def _keep(self, scores: torch.Tensor, spec: SparsitySpec, name: str) -> torch.Tensor:
-        self._check(scores, spec, name)
-        return keep_mask(scores, spec)
+    def _check(scores: torch.Tensor, spec: SparsitySpec, names: list[str]) -> None:
+        """A bad candidate fails here: NaN / inf anywhere, or a linear whose scores are constant over
+        every group. Float reductions only (a finite sum proves every score finite; the exact test
+        runs only when it does not), because elementwise tests over bools are slow on the CPU."""
+        if not math.isfinite(float(scores.sum())):
+            finite = torch.isfinite(scores).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                raise CandidateFailed("nonfinite", names[int((~finite).nonzero()[0])])
+        stacked = scores.shape[0]
+        groups = scores.reshape(stacked, -1, spec.m) if spec.is_nm else scores
+        groups = groups.reshape(stacked, 1, -1) if spec.whole_matrix else groups
+        constant = (groups.amax(dim=-1) == groups.amin(dim=-1)).flatten(1).all(dim=1)
+        if bool(constant.any()):
+            raise CandidateFailed("constant", names[int(constant.nonzero()[0])])
 
     def _proxy(self, scorer, deadline: float) -> list[float]:
         """Mean relative reconstruction error over the linears, per setting; nothing is masked. Row and
-        N:M masks of the sampled rows need only those rows' scores; a matrix mask needs them all."""
+        N:M masks of the sampled rows need only those rows' scores, which an elementwise scorer computes
+        alone; a matrix mask (or a matrix-wide formula) needs whole matrices. The checks read the scores
+        computed."""
         specs = self.config.specs
-        keeps: list[dict[str, torch.Tensor]] = [{} for _ in specs]
-        for name in self.linears:
-            _, _, scores = self._scores(scorer, name, deadline)
-            rows = self.proxy_rows[name]
+        elementwise = getattr(scorer, "elementwise", False)
+        keeps: list[list[torch.Tensor]] = [[] for _ in specs]
+        for stack in self.stacks:
+            full = None
+            if not elementwise or any(spec.whole_matrix for spec in specs):
+                full = self._scores(scorer, stack, deadline)
+            sampled = self._scores(scorer, stack, deadline, sampled=True) if elementwise else None
             for per_spec, spec in zip(keeps, specs):
-                self._check(scores, spec, name)
-                if self.config.update == "adaptive":
-                    continue  # chosen inside the update (_proxy_error)
-                if spec.whole_matrix:
-                    per_spec[name] = keep_mask(scores, spec)[rows]
+                if spec.whole_matrix or not elementwise:
+                    self._check(full, spec, stack.names)
+                    keep = gather_rows(keep_mask(full, spec), stack.rows) if spec.whole_matrix else None
+                    rows = gather_rows(full, stack.rows)
                 else:
-                    per_spec[name] = keep_mask(scores[rows], spec)
+                    self._check(sampled, spec, stack.names)
+                    keep, rows = None, sampled
+                if self.config.update != "adaptive":  # adaptive: chosen inside the update (_proxy_error)
+                    per_spec.append(keep if keep is not None else keep_mask(rows, spec))
         return [self._proxy_error(keep, scorer, spec, deadline) for keep, spec in zip(keeps, specs)]
 
-    def _proxy_error(self, keep_rows: dict[str, torch.Tensor], scorer, spec: SparsitySpec,
-                     deadline: float) -> float:  # fmt: skip
+    def _proxy_error(self, keeps: list[torch.Tensor], scorer, spec: SparsitySpec, deadline: float) -> float:
         """Mean over linears of ||dW X||^2 / ||W X||^2 on the sampled rows, from the Hessians (no forward
         pass); dW removes the pruned weights, then (with an update) moves the kept ones."""
         errors = []
-        for group, (names, hessians, rows, bases) in enumerate(self._proxy_stacks()):
+        for index, (hessians, rows, bases) in enumerate(self._proxy_stacks()):
             self._check_deadline(deadline)
-            changes = self._updated(group, names, rows, keep_rows, scorer, spec, proxy=True) - rows
+            keep = keeps[index] if keeps else None
+            changes = self._updated(index, rows, keep, scorer, spec, proxy=True) - rows
             for hessian, change, base in zip(hessians, changes, bases):
                 errors.append(float((change @ hessian * change).sum() / base))
         return sum(errors) / len(errors)
 
-    def _updated(self, group: int, names: list[str], weights: torch.Tensor, keep: dict, scorer,
+    def _updated(self, index: int, weights: torch.Tensor, keep: torch.Tensor | None, scorer,
                  spec: SparsitySpec, proxy: bool = False) -> torch.Tensor:  # fmt: skip
-        """Stacked weights of shape group ``group`` after pruning with the run's update: masked by
+        """Weights (S, out, in) of stack ``index`` after pruning with the run's update: masked by
         ``keep`` (none), updated under it (obs), or masked and updated span by span by the scorer
         (adaptive; ``proxy``: the weights are the sampled rows)."""
         if self.config.update == "adaptive":
-            span_stats = [self._span_stats(name, proxy) for name in names]
-            factors = self._factor_stacks()[group]
+            span_stats = [self._span_stats(name, proxy) for name in self.stacks[index].names]
+            factors = self._factor_stacks()[index]
             return adaptive_obs(
                 scorer, weights, factors, span_stats, spec, self._candidate_check, UPDATE_BLOCK
             )
-        pruned = ~torch.stack([keep[name] for name in names])
         if self.config.update == "obs":
-            return obs_fixed_mask(weights, self._factor_stacks()[group], pruned, UPDATE_BLOCK)
-        return weights.masked_fill(pruned, 0.0)
+            return obs_fixed_mask(weights, self._factor_stacks()[index], ~keep, UPDATE_BLOCK)
+        return weights * keep
 
     def _check_deadline(self, deadline: float) -> None:
         if time.monotonic() > deadline:
@@ -208,77 +232,67 @@ class Evaluator:
             self._span_cache[key] = span_statistics(stats, shape)
         return self._span_cache[key]
 
-    def _shape_groups(self) -> list[list[str]]:
-        """Linear names grouped by weight shape: stacked, a group runs the obs column loop once."""
-        by_shape: dict[tuple, list[str]] = {}
-        for name, weight in self.dense.items():
-            by_shape.setdefault(tuple(weight.shape), []).append(name)
-        return list(by_shape.values())
-
-    def _proxy_stacks(self) -> list[tuple[list[str], list[torch.Tensor], torch.Tensor, list[float]]]:
-        """Per shape group, built once: names, Hessians, the sampled rows (dead inputs zeroed) stacked,
-        and each linear's ||W X||^2 on them (the proxy's denominators do not depend on the candidate)."""
+    def _proxy_stacks(self) -> list[tuple[list[torch.Tensor], torch.Tensor, list[float]]]:
+        """Per stack, built once: Hessians, the sampled rows (dead inputs zeroed) stacked, and each
+        linear's ||W X||^2 on them (the proxy's denominators do not depend on the candidate)."""
         if self._proxy_stacked is None:
             self._proxy_stacked = []
-            for names in self._shape_groups():
-                hessians = [self.stats.linear_stats(n)["hessian"] for n in names]
-                rows = torch.stack(
-                    [live_weight(self.dense[n][self.proxy_rows[n]], h) for n, h in zip(names, hessians)]
-                )
+            for stack in self.stacks:
+                hessians = [self.stats.linear_stats(n)["hessian"] for n in stack.names]
+                rows = torch.stack([live_weight(w, h) for w, h in zip(stack.sampled, hessians)])
                 bases = [float((w @ h * w).sum().clamp_min(1e-20)) for w, h in zip(rows, hessians)]
-                self._proxy_stacked.append((names, hessians, rows, bases))
+                self._proxy_stacked.append((hessians, rows, bases))
         return self._proxy_stacked
 
     def _factor_stacks(self) -> list[torch.Tensor]:
-        """Per shape group, the upper Cholesky factors of the damped inverse Hessians, stacked once (they
+        """Per stack, the upper Cholesky factors of the damped inverse Hessians, stacked once (they
         depend on the Hessians only; q/k/v share one Hessian and so one factor computation)."""
         if self._factors is None:
             computed: dict[str, torch.Tensor] = {}
             self._factors = []
-            for names in self._shape_groups():
-                for name in names:
+            for stack in self.stacks:
+                for name in stack.names:
                     key = self.stats.hessian_of[name]
                     if key not in computed:
                         computed[key] = inverse_hessian_factor(
                             self.stats.linear_stats(name)["hessian"].float()
                         )
-                self._factors.append(torch.stack([computed[self.stats.hessian_of[n]] for n in names]))
+                self._factors.append(torch.stack([computed[self.stats.hessian_of[n]] for n in stack.names]))
         return self._factors
 
     def _weight_stacks(self) -> list[torch.Tensor]:
-        """Per shape group, the dense weights (dead inputs zeroed) stacked once, for the obs update."""
+        """Per stack, the dense weights with dead inputs zeroed, once, for the obs update."""
         if self._stacked is None:
             self._stacked = [
                 torch.stack(
-                    [live_weight(self.dense[n], self.stats.linear_stats(n)["hessian"]) for n in names]
+                    [live_weight(self.dense[n], self.stats.linear_stats(n)["hessian"]) for n in s.names]
                 )
-                for names in self._shape_groups()
+                for s in self.stacks
             ]
         return self._stacked
 
-    def _apply_update(self, keep: dict[str, torch.Tensor], scorer, spec: SparsitySpec,
-                      deadline: float) -> None:  # fmt: skip
-        """Every linear = its dense weight updated under its keep-mask (obs), or with the masks the
-        scorer chooses inside the update (adaptive)."""
-        for group, (names, weights) in enumerate(zip(self._shape_groups(), self._weight_stacks())):
+    def _prune(self, scorer, spec: SparsitySpec, deadline: float, check: bool) -> None:
+        """Every linear = its dense weight pruned for ``spec``: masked by its keep-mask, or (with an
+        update) updated under it / with the masks the scorer chooses inside the update. Stack by stack,
+        so no mask of the whole model is held. ``check`` (the first setting): the scores are checked for
+        every setting, so a bad candidate fails before any forward pass or update."""
+        adaptive = self.config.update == "adaptive"
+        keeps: list[torch.Tensor | None] = []
+        for stack in self.stacks:
+            scores = self._scores(scorer, stack, deadline)
+            for checked in self.config.specs if check else ():
+                self._check(scores, checked, stack.names)
+            keep = None if adaptive else keep_mask(scores, spec)
+            if self.config.update == "none":
+                for name, dense, mask in zip(stack.names, stack.dense, keep):
+                    torch.mul(dense, mask, out=self.linears[name].weight)
+            else:
+                keeps.append(keep)
+        for index, (stack, keep) in enumerate(zip(self.stacks, keeps)):  # updates only
             self._check_deadline(deadline)
-            for name, weight in zip(names, self._updated(group, names, weights, keep, scorer, spec)):
+            updated = self._updated(index, self._weight_stacks()[index], keep, scorer, spec)
+            for name, weight in zip(stack.names, updated):
                 self.linears[name].weight.copy_(weight)
-
-    def _masks(self, scorer, deadline: float) -> list[dict[str, torch.Tensor]]:
-        """Per setting, every linear's keep-mask: each linear is scored once for all settings (one byte
-        per weight and setting is cheaper than scoring again), and a bad candidate fails before any
-        forward pass."""
-        specs = self.config.specs
-        masks: list[dict[str, torch.Tensor]] = [{} for _ in specs]
-        for name in self.linears:
-            _, _, scores = self._scores(scorer, name, deadline)
-            for per_spec, spec in zip(masks, specs):
-                if self.config.update == "adaptive":
-                    self._check(scores, spec, name)  # its masks are chosen inside the update
-                else:
-                    per_spec[name] = self._keep(scores, spec, name)
-        return masks
 
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
         """Setting label -> proxy error or perplexity."""
@@ -286,12 +300,8 @@ class Evaluator:
         if fidelity == "proxy":
             return dict(zip((spec.describe() for spec in specs), self._proxy(scorer, deadline)))
         values = {}
-        for spec, keep in zip(specs, self._masks(scorer, deadline)):
-            if self.config.update == "none":
-                for name, linear in self.linears.items():
-                    torch.mul(self.dense[name], keep[name], out=linear.weight)
-            else:
-                self._apply_update(keep, scorer, spec, deadline)
+        for position, spec in enumerate(specs):
+            self._prune(scorer, spec, deadline, check=position == 0)
             ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
             if not math.isfinite(ppl):
                 raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")

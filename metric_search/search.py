@@ -303,7 +303,9 @@ class Search:
         rung = next(f for f in reversed(FIDELITIES) if value(entry, f) is not None)
         wanda = value(self.state.baselines.get("wanda", {}), rung)
         ratio = f" {value(entry, rung) / wanda:.3f}x wanda" if wanda else ""
-        return f"best {key[:60]} ({rung}{ratio})"
+        rates = self.state.history[-1].get("per_minute", {}) if self.state.history else {}
+        speed = "; per min " + " ".join(f"{f} {rate:g}" for f, rate in rates.items()) if rates else ""
+        return f"best {key[:60]} ({rung}{ratio}){speed}"
 
     def run(self) -> SearchState:
         """The generations (unless done), then the final check (unless done); resumable at any point."""

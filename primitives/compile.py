@@ -20,7 +20,8 @@ CACHE_SIZE = 4096
 
 
 class CompiledFormula:
-    """Scores of one canonical formula; call with (weight (out x in), stats dict)."""
+    """Scores of one canonical formula; call with (weight (out x in), stats dict). An ``elementwise``
+    formula also takes a stack (S, out, in) with per-column statistics (S, in) and G (S, out, in)."""
 
     def __init__(self, key: str, tree: Expr):
         self.key = key
@@ -29,6 +30,9 @@ class CompiledFormula:
         self.stats = stats_needed(self.terminals)
         self._steps: list[tuple] = []
         self._schedule(tree, {})
+        # Each score reads only its own weight's entries and its column's statistics: a stack of
+        # layers (S, out, in) or a subset of rows scores in one call with the same values.
+        self.elementwise = not any(step[0] == "op" and step[1].matrix_wide for step in self._steps)
 
     def _schedule(self, node: Expr, seen: dict) -> int:
         """Append the steps computing ``node`` (each distinct subtree once); return its slot."""

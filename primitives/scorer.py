@@ -25,6 +25,7 @@ class FormulaScorer:
         self._compiled = compile_formula(tree, group="matrix")
         self.name = self._compiled.key
         self.stats = self._compiled.stats
+        self.elementwise = self._compiled.elementwise  # scores stacks and row subsets in one call
         self.reference = f"formula {text!r}" + _same_as_known(self.name)
 
     def score(self, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:

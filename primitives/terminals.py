@@ -13,6 +13,7 @@ stats dict under "H" to skip recomputing it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -69,9 +70,11 @@ def _stat(stats: dict, key: str, terminal: str) -> torch.Tensor:
 
 
 def _column(values: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
-    if values.numel() != weight.shape[1]:
-        raise ValueError(f"{name} has {values.numel()} entries, weight has {weight.shape[1]} input columns")
-    return values.to(device=weight.device, dtype=torch.float32).reshape(1, -1)
+    """Per-column values as (..., 1, in), broadcasting over the rows of weight (..., out, in)."""
+    batch, cols = weight.shape[:-2], weight.shape[-1]
+    if values.shape[-1] != cols or values.numel() != cols * math.prod(batch):
+        raise ValueError(f"{name} has {values.numel()} entries, weight has {weight.shape[-1]} input columns")
+    return values.to(device=weight.device, dtype=torch.float32).reshape(*batch, 1, cols)
 
 
 def _hinv_diag(weight: torch.Tensor, stats: dict) -> torch.Tensor:

@@ -112,14 +112,17 @@ def test_timeout_is_a_reason(settings):
 
 
 @pytest.mark.parametrize("group", ["row", "matrix"])
-def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
+@pytest.mark.parametrize("formula", ["wanda", "abs(W) * X + G", "colnorm(abs(W)) * X"])
+def test_proxy_equals_a_reference_loop_over_full_masks(settings, group, formula):
     """Per setting: mean over linears of ||(W - W*mask) X||^2 / ||W X||^2 on the sampled rows, written
-    with full masks and the Hessian from the statistics, as the proxy was defined."""
+    with full masks and the Hessian from the statistics, as the proxy was defined. The built-in scores
+    linear by linear, the elementwise formula only the sampled rows of each stack (the matrix setting:
+    whole stacks), the matrix-wide formula whole matrices."""
     from pruning_core.masks import keep_mask
 
     settings = replace(settings, patterns=("0.5", "2:4", "0.7"), group=group)
     evaluator = build_evaluator(settings)
-    scorer = get_scorer("wanda")
+    scorer = get_scorer(formula) if formula == "wanda" else FormulaScorer(formula)
     result = evaluator.evaluate(scorer, "proxy")
     for label, spec in zip(settings.patterns, settings.specs):
         errors = []
@@ -132,6 +135,86 @@ def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
             hessian = stats["hessian"].double()
             errors.append(float(((removed @ hessian) * removed).sum() / ((w @ hessian) * w).sum()))
         assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4)
+
+
+def _stable_keep(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Reference mask of one (out, in) matrix: a stable sort prunes the lowest of each group."""
+    rows, cols = scores.shape
+    if spec.is_nm:
+        groups, count = scores.reshape(rows, cols // spec.m, spec.m), spec.n
+    elif spec.whole_matrix:
+        groups, count = scores.reshape(1, -1), round(spec.sparsity * rows * cols)
+    else:
+        groups, count = scores, round(spec.sparsity * cols)
+    order = torch.argsort(groups, dim=-1, stable=True)
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, order[..., :count], False)
+    return keep.reshape(rows, cols)
+
+
+SETTINGS_4 = {
+    "row": SparsitySpec(0.5, group="row"),
+    "matrix": SparsitySpec(0.5, group="matrix"),
+    "2:4": SparsitySpec(0.5, 2, 4),
+    "4:8": SparsitySpec(0.5, 4, 8),
+}
+
+
+@pytest.mark.parametrize("label", list(SETTINGS_4))
+def test_stacked_masks_equal_per_linear_masks_for_every_known_formula(settings, label):
+    """Scored and masked a stack at a time, every built-in formula leaves each linear its dense weight
+    times the mask a stable sort gives its own scores, computed one 2-D linear at a time."""
+    from primitives.known import KNOWN_FORMULAS
+
+    spec = SETTINGS_4[label]
+    evaluator = build_evaluator(replace(settings, patterns=("0.5",)))
+    evaluator.config = replace(evaluator.config, specs=(spec,))
+    for name, text in KNOWN_FORMULAS.items():
+        scorer = FormulaScorer(text)
+        with torch.no_grad():
+            evaluator._prune(scorer, spec, deadline=math.inf, check=True)
+        for linear, module in evaluator.linears.items():
+            dense = evaluator.dense[linear]
+            scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(linear))
+            assert torch.equal(module.weight, dense * _stable_keep(scores, spec)), (name, linear)
+        evaluator.restore()
+
+
+@pytest.mark.parametrize("label", list(SETTINGS_4))
+def test_stacked_masks_on_the_default_models_shapes(label):
+    """The default model's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536),
+    three layers of each stacked, random weights and statistics: the same masks as one at a time."""
+    from pruning_core.masks import keep_mask
+
+    spec = SETTINGS_4[label]
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        weights = torch.randn(3, *shape, generator=generator)
+        stats = {
+            "X": torch.rand(3, shape[1], generator=generator),
+            "G": torch.rand(3, *shape, generator=generator),
+        }
+        scorer = FormulaScorer("abs(W) * X + G")
+        keep = keep_mask(scorer.score(weights, stats), spec)
+        for index in range(3):
+            one = {"X": stats["X"][index], "G": stats["G"][index]}
+            assert torch.equal(keep[index], _stable_keep(scorer.score(weights[index], one), spec)), shape
+
+
+def test_elementwise_formula_fitness_equals_perplexity_of_per_linear_masks(settings):
+    """A stacked candidate's perplexity is that of the model with every linear masked on its own."""
+    settings = replace(settings, patterns=("0.5", "2:4"))
+    evaluator = build_evaluator(settings)
+    scorer = FormulaScorer("abs(W) * X + G")
+    result = evaluator.evaluate(scorer, "ppl")
+    model, _ = load_model(settings.model)
+    linears = dict(prunable_linears(model))
+    for label, spec in zip(settings.patterns, settings.specs):
+        with torch.no_grad():
+            for name, dense in evaluator.dense.items():
+                scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(name))
+                linears[name].weight.copy_(dense * _stable_keep(scores, spec))
+        expected = perplexity(model, evaluator.windows_for("ppl"), progress=False)["ppl"]
+        assert result["values"][label] == pytest.approx(expected, rel=1e-6)
 
 
 def test_proxy_prefers_wanda_to_a_random_mask(settings):

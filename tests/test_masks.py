@@ -87,3 +87,38 @@ def test_nm_masks_equal_a_stable_argsort_reference(n, m, levels):
     order = torch.argsort(scores.reshape(12, 4, m), dim=-1, stable=True)
     reference = torch.ones(12, 4, m, dtype=torch.bool).scatter_(-1, order[..., :n], False).reshape(12, 4 * m)
     assert torch.equal(keep_mask(scores, SparsitySpec(n / m, n, m)), reference)
+
+
+def _stable_argsort_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: prune the k lowest of every slice of the last dim, ties by index (stable sort)."""
+    order = torch.argsort(scores, dim=-1, stable=True)
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :k], False)
+
+
+@pytest.mark.parametrize("setting", ["0.5-row", "0.5-matrix", "0.3-row", "2:4", "4:8"])
+@pytest.mark.parametrize("levels", [5, 100000])
+def test_a_stack_of_matrices_is_masked_as_each_matrix_alone(setting, levels, monkeypatch):
+    """Stacked (S, out, in) scores give every matrix the mask of a stable sort of that matrix alone,
+    also when the CPU selection splits the slices into many chunks run by several threads."""
+    monkeypatch.setattr("pruning_core.masks.SELECT_CHUNK", 64)  # many chunks of a few rows
+    generator = torch.Generator().manual_seed(levels)
+    scores = torch.randint(0, levels, (5, 16, 48), generator=generator).float()
+    scores[2] = 7.0  # one matrix of ties only
+    if ":" in setting:
+        n, m = map(int, setting.split(":"))
+        spec = SparsitySpec(n / m, n, m)
+    else:
+        sparsity, group = setting.split("-")
+        spec = SparsitySpec(float(sparsity), group=group)
+    stacked = keep_mask(scores, spec)
+    for matrix, keep in zip(scores, stacked):
+        if spec.is_nm:
+            groups = matrix.reshape(16, 48 // spec.m, spec.m)
+            reference = _stable_argsort_keep(groups, spec.n).reshape(16, 48)
+        elif spec.whole_matrix:
+            reference = _stable_argsort_keep(matrix.reshape(1, -1), round(spec.sparsity * 768)).reshape(
+                16, 48
+            )
+        else:
+            reference = _stable_argsort_keep(matrix, round(spec.sparsity * 48))
+        assert torch.equal(keep, reference)

@@ -1,0 +1,77 @@
+"""The prunable linears of a model stacked by weight shape, so that a candidate scores, checks and masks
+all q (or all k, ..., all down) projections of every block in a few large operations.
+
+A stack holds the dense copy (S, out, in) of its linears' weights (the copy masking starts from and
+restoring copies back), their per-column statistics (S, in) and the proxy's sampled rows. Per-weight
+statistics (G) stay where the statistics cache holds them (a file mapping shared with the Hessians) and
+are stacked only for a candidate that reads them, one stack at a time: a permanent stacked copy would
+hold them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fitness.stats_cache import StatsCache
+
+# On the CPU a stack holds at most this many weights: temporaries of a stack then stay below the size
+# glibc serves from mmap (32 MiB), which would page-fault every large temporary anew on each candidate.
+CPU_STACK_WEIGHTS = 1 << 22
+PER_COLUMN = ("X", "H")  # statistics with one value per input column, (S, in) when stacked
+PER_WEIGHT = ("G",)  # statistics with one value per weight, (S, out, in) when stacked
+
+
+@dataclass
+class LinearStack:
+    names: list[str]
+    dense: torch.Tensor  # (S, out, in) the dense weights
+    columns: dict[str, torch.Tensor]  # PER_COLUMN statistics, (S, in)
+    rows: torch.Tensor  # (S, r) the rows of each linear the proxy samples
+    sampled: torch.Tensor  # (S, r, in) the dense weights of those rows
+    sampled_weight_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # PER_WEIGHT, (S, r, in)
+
+    def stats(self, cache: StatsCache, wanted) -> dict[str, torch.Tensor]:
+        """The stack's statistics among ``wanted``: per-column ones as kept, per-weight ones stacked now."""
+        stats = dict(self.columns)
+        for key in PER_WEIGHT:
+            if key in wanted:
+                stats[key] = torch.stack([cache.linear_stats(name)[key] for name in self.names])
+        return stats
+
+    def sampled_stats(self, cache: StatsCache, wanted) -> dict[str, torch.Tensor]:
+        """The statistics of the sampled rows among ``wanted``; per-weight ones gathered on first use
+        (reading them pages in the whole mapped statistic, which a formula without it never needs)."""
+        for key in PER_WEIGHT:
+            if key in wanted and key not in self.sampled_weight_stats:
+                per_linear = [cache.linear_stats(name)[key] for name in self.names]
+                self.sampled_weight_stats[key] = torch.stack([v[r] for v, r in zip(per_linear, self.rows)])
+        return {**self.columns, **{k: v for k, v in self.sampled_weight_stats.items() if k in wanted}}
+
+
+def gather_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """values (S, out, in), rows (S, r) -> (S, r, in)."""
+    return values[torch.arange(values.shape[0], device=values.device)[:, None], rows]
+
+
+@torch.no_grad()
+def stack_linears(linears: dict, stats: StatsCache, proxy_rows: dict[str, torch.Tensor]) -> list[LinearStack]:
+    """Stacks of linears with one weight shape and dtype (in first-seen order; on the CPU at most
+    CPU_STACK_WEIGHTS weights each)."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, linear in linears.items():
+        by_shape.setdefault((tuple(linear.weight.shape), linear.weight.dtype), []).append(name)
+    groups = []
+    for names in by_shape.values():
+        weight = linears[names[0]].weight
+        size = max(1, CPU_STACK_WEIGHTS // weight.numel()) if weight.device.type == "cpu" else len(names)
+        groups += [names[first : first + size] for first in range(0, len(names), size)]
+    stacks = []
+    for names in groups:
+        dense = torch.stack([linears[n].weight.detach() for n in names])
+        per_linear = [stats.linear_stats(n) for n in names]
+        columns = {key: torch.stack([s[key].reshape(-1) for s in per_linear]) for key in PER_COLUMN}
+        rows = torch.stack([proxy_rows[n] for n in names])
+        stacks.append(LinearStack(names, dense, columns, rows, gather_rows(dense, rows)))
+    return stacks
