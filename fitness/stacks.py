@@ -57,11 +57,12 @@ def gather_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def stack_linears(linears: dict, stats: StatsCache, proxy_rows: dict[str, torch.Tensor]) -> list[LinearStack]:
-    """Stacks of linears with one weight shape and dtype (in first-seen order; on the CPU at most
-    CPU_STACK_WEIGHTS weights each)."""
+    """Stacks of linears with one weight shape, dtype and device (in first-seen order; on the CPU at
+    most CPU_STACK_WEIGHTS weights each)."""
     by_shape: dict[tuple, list[str]] = {}
     for name, linear in linears.items():
-        by_shape.setdefault((tuple(linear.weight.shape), linear.weight.dtype), []).append(name)
+        weight = linear.weight
+        by_shape.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(name)
     groups = []
     for names in by_shape.values():
         weight = linears[names[0]].weight

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 
 import torch
 from torch import nn
@@ -102,8 +103,11 @@ def capture_inputs(
 
 
 def model_fingerprint(model) -> str:
-    """Identity of the weights: config plus a float64 checksum of every parameter (cheap, order-aware)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """Identity of the weights: config plus a float64 checksum of every parameter (cheap, order-aware).
+    Where the model was loaded from is no part of it: the same weights moved elsewhere share caches."""
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
             flat = param.detach().double().flatten()
