@@ -54,13 +54,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def private_mb() -> float:
-    """Memory of this process that no other process shares (USS), now."""
-    import psutil
-
-    return psutil.Process().memory_full_info().uss / 2**20
-
-
 def report(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, sort_keys=True))

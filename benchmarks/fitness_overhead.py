@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import torch
-from common import evaluator_parser, evaluator_settings, peak_rss_mb, private_mb, report
+from common import evaluator_parser, evaluator_settings, peak_rss_mb, report
 
 
 @torch.no_grad()
@@ -63,10 +63,6 @@ def main():
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_before_candidates_mb": rss_before_eval,
         "peak_rss_over_model": peak_rss_mb() / model_mb,
-        # what one more evaluator process costs: memory not shared with other processes (the
-        # statistics are a read-only file mapping that every evaluator on a machine shares)
-        "private_mb": private_mb(),
-        "private_over_model": private_mb() / model_mb,
     }
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
