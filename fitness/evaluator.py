@@ -168,16 +168,15 @@ class Evaluator:
             if not elementwise or any(spec.whole_matrix for spec in specs):
                 full = self._scores(scorer, stack, deadline)
             sampled = self._scores(scorer, stack, deadline, sampled=True) if elementwise else None
+            rows = None if elementwise else gather_rows(full, stack.rows)
             for per_spec, spec in zip(keeps, specs):
-                if spec.whole_matrix or not elementwise:
-                    self._check(full, spec, stack.names)
-                    keep = gather_rows(keep_mask(full, spec), stack.rows) if spec.whole_matrix else None
-                    rows = gather_rows(full, stack.rows)
+                self._check(sampled if elementwise and not spec.whole_matrix else full, spec, stack.names)
+                if self.config.update == "adaptive":
+                    continue  # chosen inside the update (_proxy_error)
+                if spec.whole_matrix:
+                    per_spec.append(gather_rows(keep_mask(full, spec), stack.rows))
                 else:
-                    self._check(sampled, spec, stack.names)
-                    keep, rows = None, sampled
-                if self.config.update != "adaptive":  # adaptive: chosen inside the update (_proxy_error)
-                    per_spec.append(keep if keep is not None else keep_mask(rows, spec))
+                    per_spec.append(keep_mask(sampled if elementwise else rows, spec))
         return [self._proxy_error(keep, scorer, spec, deadline) for keep, spec in zip(keeps, specs)]
 
     def _proxy_error(self, keeps: list[torch.Tensor], scorer, spec: SparsitySpec, deadline: float) -> float:
@@ -279,6 +278,9 @@ class Evaluator:
         adaptive = self.config.update == "adaptive"
         keeps: list[torch.Tensor | None] = []
         for stack in self.stacks:
+            if adaptive and not check:  # the update chooses the masks; scores are only checked
+                keeps.append(None)
+                continue
             scores = self._scores(scorer, stack, deadline)
             for checked in self.config.specs if check else ():
                 self._check(scores, checked, stack.names)
