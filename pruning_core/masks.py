@@ -35,12 +35,13 @@ def _sorted_small_groups(groups: torch.Tensor) -> list[torch.Tensor]:
 
 def _above_kth_smallest_cpu(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For a contiguous CPU tensor: the k-th smallest (1-based) along the last dim (..., 1), the mask of
-    entries above it, and the indices of the slices where that mask keeps more than n - k entries' worth
-    of ties (see ``_prune_lowest``), by numpy's partition on chunks of whole slices in parallel threads.
+    entries above it, and the indices of the slices where that mask keeps fewer than n - k entries (a
+    tie at the threshold; see ``_prune_lowest``), by numpy's partition on chunks of whole slices in
+    parallel threads.
     The comparison and the counts run in the same threads: torch ops in between would make its OpenMP
     workers compete with them."""
     global _select_pool
-    flat = scores.reshape(-1, scores.shape[-1]).numpy()
+    flat = scores.detach().reshape(-1, scores.shape[-1]).numpy()
     slices, size = flat.shape
     per_chunk = max(1, SELECT_CHUNK // size)
     chunks = [slice(first, first + per_chunk) for first in range(0, slices, per_chunk)]
