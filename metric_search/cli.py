@@ -82,6 +82,10 @@ def preflight(settings: SearchSettings, progress: bool) -> None:
     evaluator = build_evaluator(settings.evaluator, progress=progress)
     del evaluator
     gc.collect()
+    import torch
+
+    if torch.cuda.is_available():  # the actors need the device memory the driver's copy held
+        torch.cuda.empty_cache()
 
 
 def cmd_search(argv: list[str]) -> int:
