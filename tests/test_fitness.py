@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from mask_reference import stable_keep
 
 from fitness.memo import Memo
 from fitness.setup import EvaluatorSettings, build_evaluator
@@ -111,6 +112,15 @@ def test_bad_candidates_get_inf_and_a_reason(settings, fn, reason):
     assert all(torch.equal(v, before[k]) for k, v in evaluator.model.state_dict().items())
 
 
+def test_finite_scores_whose_sum_overflows_are_not_called_nonfinite(settings):
+    """The check's shortcut (a finite sum proves every score finite) must fall back to the exact test
+    when finite scores near float32's maximum overflow their sum."""
+    evaluator = build_evaluator(settings)
+    huge = FixedScorer("huge", lambda w: torch.where(w > 0, 3e38, 1e38) + 0 * w)
+    result = evaluator.evaluate(huge, "proxy")
+    assert result["reason"] is None and math.isfinite(result["fitness"])
+
+
 def test_timeout_is_a_reason(settings):
     evaluator = build_evaluator(settings)
     evaluator.config = replace(evaluator.config, timeout_s=0.0)
@@ -147,20 +157,6 @@ def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
             assert result["values"][label] == pytest.approx(sum(errors) / len(errors), rel=1e-4), scorer.name
 
 
-def _stable_keep(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
-    """Reference mask of one (out, in) matrix: a stable sort prunes the lowest of each group."""
-    rows, cols = scores.shape
-    if spec.is_nm:
-        groups, count = scores.reshape(rows, cols // spec.m, spec.m), spec.n
-    elif spec.whole_matrix:
-        groups, count = scores.reshape(1, -1), round(spec.sparsity * rows * cols)
-    else:
-        groups, count = scores, round(spec.sparsity * cols)
-    order = torch.argsort(groups, dim=-1, stable=True)
-    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, order[..., :count], False)
-    return keep.reshape(rows, cols)
-
-
 SETTINGS_4 = {
     "row": SparsitySpec(0.5, group="row"),
     "matrix": SparsitySpec(0.5, group="matrix"),
@@ -185,7 +181,7 @@ def test_stacked_masks_equal_per_linear_masks_for_every_known_formula(settings):
             for linear, module in evaluator.linears.items():
                 dense = evaluator.dense[linear]
                 scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(linear))
-                assert torch.equal(module.weight, dense * _stable_keep(scores, spec)), (label, name, linear)
+                assert torch.equal(module.weight, dense * stable_keep(scores, spec)), (label, name, linear)
             evaluator.restore()
 
 
@@ -207,7 +203,7 @@ def test_stacked_masks_on_the_default_models_shapes(label):
         keep = keep_mask(scorer.score(weights, stats), spec)
         for index in range(3):
             one = {"X": stats["X"][index], "G": stats["G"][index]}
-            assert torch.equal(keep[index], _stable_keep(scorer.score(weights[index], one), spec)), shape
+            assert torch.equal(keep[index], stable_keep(scorer.score(weights[index], one), spec)), shape
 
 
 def test_elementwise_formula_fitness_equals_perplexity_of_per_linear_masks(settings):
@@ -222,7 +218,7 @@ def test_elementwise_formula_fitness_equals_perplexity_of_per_linear_masks(setti
         with torch.no_grad():
             for name, dense in evaluator.dense.items():
                 scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(name))
-                linears[name].weight.copy_(dense * _stable_keep(scores, spec))
+                linears[name].weight.copy_(dense * stable_keep(scores, spec))
         expected = perplexity(model, evaluator.windows_for("ppl"), progress=False)["ppl"]
         assert result["values"][label] == pytest.approx(expected, rel=1e-6)
 

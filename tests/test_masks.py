@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mask_reference import stable_keep
 
 from pruning_core.errors import UsageError
 from pruning_core.masks import keep_mask, parse_pattern
@@ -89,12 +90,6 @@ def test_nm_masks_equal_a_stable_argsort_reference(n, m, levels):
     assert torch.equal(keep_mask(scores, SparsitySpec(n / m, n, m)), reference)
 
 
-def _stable_argsort_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference: prune the k lowest of every slice of the last dim, ties by index (stable sort)."""
-    order = torch.argsort(scores, dim=-1, stable=True)
-    return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :k], False)
-
-
 @pytest.mark.parametrize("setting", ["0.5-row", "0.5-matrix", "0.3-row", "2:4", "4:8"])
 @pytest.mark.parametrize("levels", [5, 100000])
 def test_a_stack_of_matrices_is_masked_as_each_matrix_alone(setting, levels, monkeypatch):
@@ -112,13 +107,24 @@ def test_a_stack_of_matrices_is_masked_as_each_matrix_alone(setting, levels, mon
         spec = SparsitySpec(float(sparsity), group=group)
     stacked = keep_mask(scores, spec)
     for matrix, keep in zip(scores, stacked):
-        if spec.is_nm:
-            groups = matrix.reshape(16, 48 // spec.m, spec.m)
-            reference = _stable_argsort_keep(groups, spec.n).reshape(16, 48)
-        elif spec.whole_matrix:
-            reference = _stable_argsort_keep(matrix.reshape(1, -1), round(spec.sparsity * 768)).reshape(
-                16, 48
-            )
-        else:
-            reference = _stable_argsort_keep(matrix, round(spec.sparsity * 48))
-        assert torch.equal(keep, reference)
+        assert torch.equal(keep, stable_keep(matrix, spec))
+
+
+@pytest.mark.parametrize("setting", ["0.5-row", "0.5-matrix", "2:4", "3:16"])
+def test_the_kthvalue_path_gpus_take_masks_like_a_stable_sort(setting):
+    """Off the CPU's float32 path (here: float64) thresholds come from torch.kthvalue (short N:M groups:
+    the sorting network) and ties are counted with torch: the same masks, ties included."""
+    from pruning_core.masks import _prune_lowest
+
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randint(0, 4, (6, 32), generator=generator).double()
+    if ":" in setting:
+        n, m = map(int, setting.split(":"))
+        spec = SparsitySpec(n / m, n, m)
+        keep = _prune_lowest(scores.reshape(6, 32 // m, m), n).reshape(6, 32)
+    else:
+        sparsity, group = setting.split("-")
+        spec = SparsitySpec(float(sparsity), group=group)
+        flat = scores.reshape(1, -1) if spec.whole_matrix else scores
+        keep = _prune_lowest(flat, round(spec.sparsity * flat.shape[-1])).reshape(6, 32)
+    assert torch.equal(keep, stable_keep(scores, spec))

@@ -333,3 +333,14 @@ def test_random_module_is_untouched_by_the_engine():
     state = random.getstate()
     Engine(settings()).initial_population()
     assert random.getstate() == state
+
+
+def test_the_progress_note_shows_the_best_formula_and_last_generations_throughput(tmp_path):
+    search = new_search(tmp_path)
+    assert search._best_line() == "no formula measured yet"
+    search.state.candidates["abs(W) * X"] = {"proxy": {"fitness": 0.1}, "ppl": {"fitness": 30.0}}
+    search.state.hall_of_fame = ["abs(W) * X"]
+    search.state.baselines["wanda"] = {"ppl": {"fitness": 40.0}}
+    assert search._best_line() == "best abs(W) * X (ppl 0.750x wanda)"
+    search.state.history.append({"per_minute": {"proxy": 12.5, "ppl": 3.0}})
+    assert search._best_line() == "best abs(W) * X (ppl 0.750x wanda); per min proxy 12.5 ppl 3"
