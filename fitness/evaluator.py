@@ -27,6 +27,7 @@ from pruning_core.blocks import prunable_linears
 from pruning_core.data import load_rows, tokenize_corpus
 from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
+from pruning_core.pruning import Calibration
 from pruning_core.scorers.base import SparsitySpec
 from pruning_core.scorers.sparsegpt import inverse_hessian_factor, live_weight, obs_fixed_mask
 from pruning_core.updates import adaptive_obs, span_statistics
@@ -34,6 +35,7 @@ from pruning_core.updates import adaptive_obs, span_statistics
 REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
 # Failures of the machine, not of the formula: never kept as a formula's result (a resume retries them).
 TRANSIENT = ("timeout", "oom", "lost")
+TOP_RUNGS = ("one-shot", "sequential")
 FIDELITIES = ("proxy", "ppl", "top")  # the ladder, cheapest first
 PROXY_ROWS = 32  # rows per linear sampled for the reconstruction proxy
 PROXY_FLOOR = 1e-20  # a zero error would make the geometric mean -inf
@@ -57,6 +59,11 @@ class FitnessConfig:
     timeout_s: float = 600.0
     top_windows: int = 16
     update: str = "none"  # "none", "obs" or "adaptive": the weight update with each candidate's mask
+    # "sequential": the top rung prunes as a user does, with the core's sequential driver on
+    # ``calibration`` (each block's statistics from the blocks pruned before it); "one-shot": every
+    # linear from the dense model's cached statistics, as the lower rungs
+    top_rung: str = "one-shot"
+    calibration: Calibration | None = None  # the statistics' calibration (needed by a sequential rung)
 
 
 class CandidateFailed(Exception):
@@ -88,8 +95,13 @@ class Evaluator:
     """Owns the model, its prunable linears stacked by shape (dense copies, statistics, sampled rows;
     see ``fitness.stacks``) and the fitness windows."""
 
-    def __init__(self, model, tokenizer, stats: StatsCache, config: FitnessConfig, data_dir=None):
+    def __init__(self, model, tokenizer, stats: StatsCache, config: FitnessConfig, data_dir=None,
+                 cache_root=None):  # fmt: skip
         self.model, self.stats, self.config = model, stats, config
+        self.tokenizer, self.data_dir, self.cache_root = tokenizer, data_dir, cache_root
+        self._calib_tokens = None
+        if config.top_rung == "sequential" and config.calibration is None:
+            raise ValueError("a sequential top rung needs the calibration")
         self.linears = prunable_linears(model)
         tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
@@ -296,14 +308,34 @@ class Evaluator:
             for name, weight in zip(stack.names, updated):
                 self.linears[name].weight.copy_(weight)
 
+    def _prune_sequentially(self, scorer, spec: SparsitySpec, deadline: float) -> None:
+        """The core's sequential driver on the dense model, with the run's update; the scorer checks
+        the deadline at every linear (and every span of an adaptive update)."""
+        from pruning_core.pruning import calibrate_and_prune
+        from pruning_core.updates import with_update
+
+        if self._calib_tokens is None:
+            self._calib_tokens = tokenize_corpus(
+                self.tokenizer, load_rows(self.config.calibration.data, self.data_dir)
+            )
+        self.restore()
+        calibrate_and_prune(
+            self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),
+            spec, self._calib_tokens, self.config.calibration, cache_root=self.cache_root, progress=False,
+        )  # fmt: skip
+
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
         """Setting label -> proxy error or perplexity."""
         specs = self.config.specs
         if fidelity == "proxy":
             return dict(zip((spec.describe() for spec in specs), self._proxy(scorer, deadline)))
+        sequential = fidelity == "top" and self.config.top_rung == "sequential"
         values = {}
         for position, spec in enumerate(specs):
-            self._prune(scorer, spec, deadline, check=position == 0)
+            if sequential:
+                self._prune_sequentially(scorer, spec, deadline)
+            else:
+                self._prune(scorer, spec, deadline, check=position == 0)
             ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
             if not math.isfinite(ppl):
                 raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")
@@ -341,3 +373,18 @@ class Evaluator:
         except Exception as err:
             return _result(math.inf, "error", fidelity, 0.0, f"{type(err).__name__}: {err}")
         return self.evaluate(scorer, fidelity)
+
+
+class _Deadlined:
+    """A scorer that checks the candidate's deadline before every call (the sequential driver has no
+    deadline of its own)."""
+
+    def __init__(self, scorer, check, deadline: float):
+        self.scorer, self.check, self.deadline = scorer, check, deadline
+        self.name, self.stats = scorer.name, scorer.stats
+        self.default_group = scorer.default_group
+        self.reference = getattr(scorer, "reference", "")
+
+    def score(self, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(self.deadline)
+        return self.scorer.score(weight, stats)

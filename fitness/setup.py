@@ -30,6 +30,7 @@ class EvaluatorSettings:
     fitness_seqlen: int = 256
     timeout_s: float = 600.0
     update: str = "none"  # weight update with each candidate's mask: none, obs or adaptive
+    top_rung: str = "one-shot"  # or "sequential": the top rung prunes with the core's sequential driver
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -64,5 +65,7 @@ def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Eval
         settings.timeout_s,
         settings.top_windows,
         settings.update,
+        settings.top_rung,
+        key,
     )
-    return Evaluator(model, tokenizer, stats, config, settings.data_dir)
+    return Evaluator(model, tokenizer, stats, config, settings.data_dir, cache_dir(settings.cache_dir))

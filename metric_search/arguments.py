@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fitness.evaluator import TOP_RUNGS
 from metric_search.config import (
     DEFAULT_SETTINGS,
     PROFILES,
@@ -34,7 +35,12 @@ EVALUATOR_DEFAULTS = SEARCH_DEFAULTS.evaluator
 
 def _both(name: str) -> str:
     """Help text of a profile default, from the profiles themselves (so it cannot drift)."""
-    return ", ".join(f"{profile} {values[name]:g}" for profile, values in PROFILES.items())
+    return ", ".join(
+        f"{profile} {values[name]:g}"
+        if isinstance(values[name], int | float)
+        else f"{profile} {values[name]}"
+        for profile, values in PROFILES.items()
+    )
 
 
 def search_parser() -> OneLineParser:
@@ -89,6 +95,13 @@ def search_parser() -> OneLineParser:
         "mask: the search then looks for the best mask for that update) or adaptive (the candidate "
         "re-chooses each span's mask inside that update: the search looks for a selection criterion "
         f"like SparseGPT's) ({EVALUATOR_DEFAULTS.update})",
+    )
+    f.add_argument(
+        "--top-rung",
+        choices=TOP_RUNGS,
+        help="how the top rung prunes: one-shot (every linear from the dense model's statistics, as the "
+        "lower rungs) or sequential (the pruning core's sequential driver, the protocol users prune with "
+        f"and the final check measures; ~3x the cost) ({_both('top_rung')})",
     )
     f.add_argument("--calib", help=f"calibration corpus ({EVALUATOR_DEFAULTS.calib})")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
@@ -221,6 +234,7 @@ def settings_from_args(args) -> SearchSettings:
         top_windows=pick("top_windows", profile["top_windows"]),
         fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
         timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", EVALUATOR_DEFAULTS.update),
+        top_rung=pick("top_rung", profile["top_rung"]),
     )  # fmt: skip
     min_depth, max_depth = _init_depth(args.init_depth)
     defaults = SEARCH_DEFAULTS

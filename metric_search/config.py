@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from fitness.evaluator import TOP_RUNGS
 from fitness.setup import EvaluatorSettings
 from pruning_core.errors import UsageError
 from pruning_core.masks import parse_settings
@@ -25,7 +26,8 @@ SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for 
 # new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
 # of those climb to `top_windows`; `tune` variants of the hall of fame's head (one constant changed)
 # per generation go up the ladder and join only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
-# `final_windows` further windows of WikiText-2 valid, paired with Wanda.
+# `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
+# pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula.
 CPU_PROFILE = {
     "generations": 10,
     "population": 20,
@@ -37,6 +39,7 @@ CPU_PROFILE = {
     "fitness_windows": 2,
     "top_windows": 8,
     "fitness_seqlen": 512,
+    "top_rung": "one-shot",
     "final_top": 3,
     "final_windows": 16,
     "workers": 2,
@@ -57,6 +60,7 @@ GPU_PROFILE = {
     "fitness_windows": 16,
     "top_windows": 64,
     "fitness_seqlen": 512,
+    "top_rung": "sequential",
     "final_top": 5,
     "final_windows": 64,
     "workers": 1,
@@ -165,6 +169,7 @@ def check_search(settings: SearchSettings) -> None:
         "wikitext2-test is for reported numbers only; search on wikitext2-valid or c4 (--fitness-data, --calib)",
     )
     check_group(e.group, "--group")
+    _check(e.top_rung in TOP_RUNGS, f"--top-rung {e.top_rung!r}: use one-shot or sequential")
     _check(
         e.update in SEARCH_UPDATES,
         f"--update {e.update!r} is not available to the search; use none, obs or adaptive (refit is too slow "

@@ -48,7 +48,8 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
             "fitness": (entry.get("top") or entry["ppl"])["fitness"],
             "fitness_kind": f"geometric mean over {pattern} of the perplexity on "
             f"{evaluator.top_windows if entry.get('top') else evaluator.fitness_windows} x "
-            f"{evaluator.fitness_seqlen} tokens of {evaluator.fitness_data}",
+            f"{evaluator.fitness_seqlen} tokens of {evaluator.fitness_data}"
+            + (" (sequential driver)" if entry.get("top") and evaluator.top_rung == "sequential" else ""),
             "proxy": entry["proxy"]["fitness"] if entry.get("proxy") else None,
             "generation": entry.get("generation"),
         },

@@ -124,13 +124,16 @@ def _ratio(value, reference) -> str:
 
 def _describe(config: dict) -> str:
     settings, e = config["settings"], config["settings"]["evaluator"]
+    top = f"{e['top_windows']} windows" + (
+        ", pruned by the sequential driver" if e.get("top_rung") == "sequential" else ""
+    )
     ladder = (
         f"the proxy (layer reconstruction error) screens every new formula, the best {settings['confirm']} per "
         f"generation get perplexity on {e['fitness_windows']} windows, the best {settings['promote']} of those "
-        f"climb to {e['top_windows']} windows"
+        f"climb to {top}"
         if settings["multi_fidelity"]
         else f"every new formula gets perplexity on {e['fitness_windows']} windows, the best "
-        f"{settings['promote']} climb to {e['top_windows']} windows"
+        f"{settings['promote']} climb to {top}"
     )
     return (
         f"Model `{e['model']}`, settings {', '.join(e['patterns'])} (group `{e['group']}`), seed "

@@ -13,6 +13,7 @@ from pruning_core.blocks import model_fingerprint, prunable_linears
 from pruning_core.files import atomic_path, key_digest
 
 
+@torch.enable_grad()  # callers may run under no_grad (the fitness evaluator's sequential rung does)
 def compute_gradient_magnitudes(
     model, windows: torch.Tensor, progress: bool = True
 ) -> dict[str, torch.Tensor]:

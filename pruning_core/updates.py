@@ -3,7 +3,8 @@ kept weights of each row to compensate, using the layer's calibration Hessian.
 
   ``obs``    SparseGPT's sequential Optimal Brain Surgeon update for a fixed mask (column by column,
              lazy 128-column blocks); as cheap as SparseGPT's own update.
-  ``refit``  the exact least-squares refit of the kept weights of every row (APT's joint update):
+  ``refit``  the exact least-squares refit of the kept weights of every row (the joint update APT
+             applies span by span, over the whole row at once):
              argmin ||(w_hat - w) X|| subject to w_hat = 0 on the pruned set; costlier (one solve of
              the smaller of |pruned| and |kept| unknowns per row).
   ``adaptive`` SparseGPT's adaptive mask selection with the scorer as the criterion: inside the OBS

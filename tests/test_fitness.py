@@ -94,6 +94,47 @@ def test_several_settings_give_the_geometric_mean_of_one_shot_perplexities(setti
         assert result["fitness"] == pytest.approx(math.sqrt(expected["0.5"] * expected["2:4"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("update", ["none", "adaptive"])
+def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, update):
+    """``top_rung="sequential"``: the top rung's perplexity per setting is the core's sequential driver
+    (each block's statistics from the pruned blocks before it) with the run's update, run here on a
+    fresh model; the lower rungs stay one-shot, and the evaluator's model comes back dense."""
+    from primitives.scorer import FormulaScorer as Formula
+    from pruning_core.pruning import Calibration, calibrate_and_prune
+    from pruning_core.updates import with_update
+
+    settings = replace(
+        settings, patterns=("0.5", "2:4"), fitness_windows=2, top_windows=3, top_rung="sequential",
+        update=update,
+    )  # fmt: skip
+    evaluator = build_evaluator(settings)
+    dense = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+    formula = "abs(W) * sqrt(X) + abs(W)"
+    top = evaluator.evaluate(Formula(formula), "top")
+    one_shot = evaluator.evaluate(Formula(formula), "ppl")
+    assert all(torch.equal(v, dense[k]) for k, v in evaluator.model.state_dict().items())
+
+    _, tokenizer = load_model(settings.model)
+    calib_tokens = tokenize_corpus(tokenizer, load_rows("c4"))
+    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
+    expected, one_shot_top, one_shot_base = {}, {}, {}
+    for label, spec in (("0.5", SparsitySpec(0.5)), ("2:4", SparsitySpec(0.5, 2, 4))):
+        for sequential in (True, False):
+            model, _ = load_model(settings.model)
+            calibrate_and_prune(
+                model, with_update(Formula(formula), update), spec, calib_tokens, Calibration("c4", 4, 32, 0),
+                sequential=sequential, progress=False,
+            )  # fmt: skip
+            if sequential:
+                expected[label] = perplexity(model, windows, progress=False)["ppl"]
+            else:
+                one_shot_top[label] = perplexity(model, windows, progress=False)["ppl"]
+                one_shot_base[label] = perplexity(model, windows[:2], progress=False)["ppl"]
+    assert top["reason"] is None and top["values"] == pytest.approx(expected, rel=1e-5)
+    assert one_shot["values"] == pytest.approx(one_shot_base, rel=1e-5)
+    assert expected != pytest.approx(one_shot_top, rel=1e-3)  # the two protocols differ here
+
+
 @pytest.mark.parametrize(
     "fn, reason",
     [

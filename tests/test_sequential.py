@@ -201,3 +201,24 @@ def test_owl_m_changes_the_block_sparsities():
     assert by_m[1.0] != pytest.approx(by_m[2.0], abs=1e-3)
     assert by_m[2.0] != pytest.approx(by_m[5.0], abs=1e-3)
     assert by_m[1.0] != pytest.approx(by_m[5.0], abs=1e-3)
+
+
+def test_gradient_magnitudes_are_the_root_sum_of_squared_per_window_gradients_even_under_no_grad():
+    """G_ij = sqrt(sum over windows of (dLoss/dW_ij)^2), each window's loss alone; the fitness evaluator
+    calls this inside torch.no_grad (its sequential rung), which must not change it."""
+    from pruning_core.blocks import prunable_linears
+    from pruning_core.gradients import compute_gradient_magnitudes
+
+    model = make_tiny_model("llama")
+    windows = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    weight = prunable_linears(model)[name].weight
+    expected = torch.zeros_like(weight)
+    for window in windows:
+        ids = window.unsqueeze(0)
+        (grad,) = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, weight)
+        expected += grad * grad
+    with torch.no_grad():
+        got = compute_gradient_magnitudes(model, windows, progress=False)
+    torch.testing.assert_close(got[name], expected.sqrt(), rtol=1e-5, atol=1e-8)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored

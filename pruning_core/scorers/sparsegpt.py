@@ -122,7 +122,7 @@ def live_weight(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _prepare(
+def live_weight_and_factor(
     weight: torch.Tensor, hessian: torch.Tensor, percdamp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (float32, dead inputs zeroed) and the inverse-Hessian factor, on the weight's device."""
@@ -154,13 +154,13 @@ def obs_prune_with_mask(
     with the pruned entries exactly 0. ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` if
     the caller already has it (it depends on the Hessian only, not on the mask)."""
     if factor is None:
-        w, factor = _prepare(weight, hessian, percdamp)
+        w, factor = live_weight_and_factor(weight, hessian, percdamp)
     else:
         w = live_weight(weight, hessian)
     return obs_fixed_mask(w, factor, ~keep.to(device=w.device, dtype=torch.bool), block_size)
 
 
-def _check_spec(spec: SparsitySpec, cols: int) -> None:
+def check_nm_columns(spec: SparsitySpec, cols: int) -> None:
     if spec.is_nm and cols % spec.m:
         raise UsageError(f"pattern {spec.n}:{spec.m} needs input size divisible by {spec.m}, got {cols}")
 
@@ -173,8 +173,8 @@ def sparsegpt_prune(
     percdamp: float = PERCDAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: (new float32 weight with pruned entries exactly 0, pruned mask)."""
-    _check_spec(spec, weight.shape[1])
-    w, factor = _prepare(weight, hessian, percdamp)
+    check_nm_columns(spec, weight.shape[1])
+    w, factor = live_weight_and_factor(weight, hessian, percdamp)
     if spec.is_nm:  # blocks must hold whole N:M groups
         block_size = max(spec.m, block_size - block_size % spec.m)
     # N:M: every group of M columns; unstructured: every block, per row or over the block's rows
