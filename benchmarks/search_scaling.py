@@ -24,7 +24,7 @@ def one_generation(settings: SearchSettings) -> list[str]:
 
 
 def timed_pool(evaluator: EvaluatorSettings, workers: int, jobs: list[Job]) -> tuple[float, list[dict]]:
-    pool = EvaluatorPool(evaluator.as_dict(), workers, 1, False, hard_timeout=3600.0)
+    pool = EvaluatorPool(evaluator.as_dict(), workers, 1, 0.0, hard_timeout=3600.0)
     try:
         pool.run([Job("abs(W) * X", jobs[0].fidelity)] * workers)  # every actor up, imports and caches warm
         started = time.perf_counter()

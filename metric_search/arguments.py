@@ -23,7 +23,7 @@ DEFAULT_SEEDS = "wanda,magnitude,pruner-zero,ria,sparsegpt-mask"
 
 # Flags a resume may change: they say how to run, not what to search.
 RESUMABLE = {
-    "generations", "workers", "threads", "address", "candidate_timeout", "no_preflight", "quiet", "json",
+    "generations", "workers", "threads", "actors_per_gpu", "address", "candidate_timeout", "no_preflight", "quiet", "json",
     "resume", "profile", "device", "dtype", "cache_dir", "data_dir",
 }  # fmt: skip
 
@@ -143,7 +143,17 @@ def search_parser() -> OneLineParser:
     )
     add_model_flags(p)
     r = p.add_argument_group("execution")
-    r.add_argument("--workers", type=int, help="evaluator actors (cpu 2, gpu 1 per GPU)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        help=f"evaluator actors (cpu {PROFILES['cpu']['workers']}; with GPUs or --address: every GPU x "
+        "--actors-per-gpu, or on CPUs as many --threads actors as the cluster holds)",
+    )
+    r.add_argument(
+        "--actors-per-gpu",
+        type=int,
+        help=f"actors sharing each GPU, each reserving 1/N of it ({_both('actors_per_gpu')})",
+    )
     r.add_argument("--threads", type=int, help=f"torch threads per actor ({_both('threads')})")
     r.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: local Ray on loopback)")
     r.add_argument(
@@ -276,14 +286,13 @@ def execution_from_args(args, device: str | None) -> ExecutionSettings:
         return profile[name] if value is None else value
 
     use_gpu = _uses_gpu(device)
-    workers = pick("workers")
-    if args.workers is None and use_gpu and args.address is None:
-        import torch
-
-        workers = max(1, torch.cuda.device_count())  # one actor per local GPU
+    workers = args.workers
+    if workers is None and args.address is None and not use_gpu:  # a local CPU run: the profile's count
+        workers = profile.get("workers")  # else every GPU x --actors-per-gpu, or the CPUs / --threads
     execution = ExecutionSettings(
         workers=workers,
         threads=pick("threads"),
+        actors_per_gpu=pick("actors_per_gpu"),
         address=args.address,
         candidate_timeout=pick("candidate_timeout"),
         use_gpu=use_gpu,

@@ -49,14 +49,30 @@ def _init_on_loopback(**options) -> None:
         )
 
 
+def actor_layout(
+    workers: int | None, threads: int, actors_per_gpu: int, device: str | None, resources: dict
+) -> tuple[int, float]:
+    """(evaluator actors, GPU share of each) on a Ray instance with ``resources``: GPU actors when the
+    device asks for CUDA, or when no device was given and the cluster has GPUs (a CPU-only driver can
+    lead GPU workers); ``actors_per_gpu`` share each GPU. Without ``workers``, the count follows the
+    cluster: every GPU times ``actors_per_gpu``, or as many ``threads``-CPU actors as its CPUs hold."""
+    gpus = resources.get("GPU", 0.0)
+    use_gpu = device.startswith("cuda") if device else gpus > 0
+    share = 1.0 / actors_per_gpu if use_gpu else 0.0
+    if workers is None:
+        workers = int(gpus) * actors_per_gpu if use_gpu else int(resources.get("CPU", 0.0)) // threads
+    return max(1, workers), share
+
+
 def check_address(address: str | None) -> None:
     """Fail fast, before any work, when --address names a port where nothing listens."""
     if address not in (None, "auto"):
         _probe(address)
 
 
-def connect(address: str | None, num_cpus: int, use_gpu: bool = False) -> bool:
-    """Start or join Ray; True when this call started it (the caller then shuts it down).
+def connect(address: str | None, num_cpus: int | None, use_gpu: bool = False) -> bool:
+    """Start or join Ray (``num_cpus`` None: all of this machine's); True when this call started it
+    (the caller then shuts it down).
     An instance already running in this process (a test, an embedding program) is used as is."""
     import ray
 

@@ -44,9 +44,10 @@ CPU_PROFILE = {
     "final_windows": 16,
     "workers": 2,
     "threads": 1,
+    "actors_per_gpu": 1,
     "candidate_timeout": 300.0,
 }
-# GPU profile: one actor per GPU (all local GPUs unless --workers; on a cluster pass --workers), a larger
+# GPU profile: --actors-per-gpu actors on every GPU of the machine or the cluster (unless --workers), a larger
 # population, more calibration and more fitness windows, so perplexity differences between candidates
 # are well above window-to-window noise.
 GPU_PROFILE = {
@@ -63,8 +64,8 @@ GPU_PROFILE = {
     "top_rung": "sequential",
     "final_top": 5,
     "final_windows": 64,
-    "workers": 1,
     "threads": 4,
+    "actors_per_gpu": 1,
     "candidate_timeout": 600.0,
 }
 PROFILES = {"cpu": CPU_PROFILE, "gpu": GPU_PROFILE}
@@ -104,8 +105,9 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class ExecutionSettings:
-    workers: int = 2
+    workers: int | None = 2  # None: as many as the Ray cluster holds (see cluster.actor_layout)
     threads: int = 1
+    actors_per_gpu: int = 1
     address: str | None = None
     candidate_timeout: float = 300.0
     use_gpu: bool = False
@@ -179,7 +181,8 @@ def check_search(settings: SearchSettings) -> None:
 
 def check_execution(execution: ExecutionSettings) -> None:
     x = execution
-    _check(x.workers >= 1, f"--workers must be >= 1, got {x.workers}")
+    _check(x.workers is None or x.workers >= 1, f"--workers must be >= 1, got {x.workers}")
+    _check(x.actors_per_gpu >= 1, f"--actors-per-gpu must be >= 1, got {x.actors_per_gpu}")
     _check(x.threads >= 1, f"--threads must be >= 1, got {x.threads}")
     _check(
         math.isfinite(x.candidate_timeout) and x.candidate_timeout > 0,

@@ -32,7 +32,12 @@ class Job:
 
 class PoolActor(EvaluatorActor):
     def where(self) -> dict:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        context = ray.get_runtime_context()
+        return {
+            "pid": os.getpid(),
+            "node": context.get_node_id(),
+            "resources": context.get_assigned_resources(),
+        }
 
 
 def _failure(reason: str, fidelity: str, seconds: float, detail: str) -> dict:
@@ -45,16 +50,16 @@ def _first_line(err: BaseException) -> str:
     return (useful[-1] if useful else lines[-1] if lines else type(err).__name__)[:300]
 
 
-def _check_resources(workers: int, threads: int, use_gpu: bool) -> None:
+def _check_resources(workers: int, threads: int, gpu_share: float) -> None:
     """Actors that can never be placed would wait forever: say so instead."""
     total = ray.cluster_resources()
-    needs = {"CPU": workers * threads, **({"GPU": workers} if use_gpu else {})}
+    needs = {"CPU": workers * threads, **({"GPU": workers * gpu_share} if gpu_share else {})}
     for resource, amount in needs.items():
         have = total.get(resource, 0)
-        if have < amount:
+        if have < amount - 1e-9:
             raise PoolError(
                 f"{workers} workers x {threads} threads need {amount:g} {resource} but the Ray cluster has "
-                f"{have:g}; pass fewer --workers or --threads"
+                f"{have:g}; pass fewer --workers, --threads or more --actors-per-gpu"
             )
 
 
@@ -67,12 +72,13 @@ class _Worker:
 
 class EvaluatorPool:
     def __init__(
-        self, evaluator_settings: dict, workers: int, threads: int, use_gpu: bool, hard_timeout: float
+        self, evaluator_settings: dict, workers: int, threads: int, gpu_share: float, hard_timeout: float
     ):
+        """``gpu_share``: the fraction of a GPU each actor reserves (0: CPU actors)."""
         options = {"num_cpus": threads, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
-        if use_gpu:
-            options["num_gpus"] = 1
-        _check_resources(workers, threads, use_gpu)
+        if gpu_share:
+            options["num_gpus"] = gpu_share
+        _check_resources(workers, threads, gpu_share)
         self._actor_class = ray.remote(**options)(PoolActor)
         self._settings, self._threads = evaluator_settings, threads
         self.hard_timeout = hard_timeout

@@ -329,9 +329,14 @@ class Search:
         rundir.remove_stale_temps(self.run_dir)
         memo = Memo(self.run_dir / rundir.CANDIDATES)
         population = [self.engine.from_text(formula) for formula, _ in self.state.population]
-        started_ray = cluster.connect(x.address, x.workers * x.threads, x.use_gpu)
+        started_ray = cluster.connect(x.address, x.workers * x.threads if x.workers else None, x.use_gpu)
         try:
-            pool = EvaluatorPool(s.evaluator.as_dict(), x.workers, x.threads, x.use_gpu, x.hard_timeout)
+            import ray
+
+            workers, gpu_share = cluster.actor_layout(
+                x.workers, x.threads, x.actors_per_gpu, s.evaluator.device, ray.cluster_resources()
+            )
+            pool = EvaluatorPool(s.evaluator.as_dict(), workers, x.threads, gpu_share, x.hard_timeout)
             try:
                 evaluations = _Evaluations(pool, memo, x.progress, self.observer)
                 if not self.state.baselines:

@@ -209,7 +209,7 @@ def is_loopback(ip: str) -> bool:
 
 def test_embedded_ray_listens_on_loopback_only(local_ray, search_model, search_cache):
     settings = evaluator_settings(search_model, search_cache).as_dict()
-    pool = EvaluatorPool(settings, workers=1, threads=1, use_gpu=False, hard_timeout=300.0)
+    pool = EvaluatorPool(settings, workers=1, threads=1, gpu_share=0.0, hard_timeout=300.0)
     try:
         assert pool.run([Job("abs(W) * X", "proxy")])[0]["reason"] is None  # an actor is up and working
         names = {}  # pid -> name of this process and every Ray process it started

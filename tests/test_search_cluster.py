@@ -56,3 +56,53 @@ def test_search_spreads_over_two_nodes(two_nodes, tokenizer_dir, tmp_path):
     assert state.generation == 1 and state.hall_of_fame
     hall = json.loads((run_dir / rundir.HALL_OF_FAME).read_text())
     assert hall["entries"][0]["formula"] == state.hall_of_fame[0]
+
+
+@pytest.mark.parametrize(
+    "workers, threads, per_gpu, device, resources, expected",
+    [
+        (None, 1, 4, None, {"CPU": 8.0, "GPU": 2.0}, (8, 0.25)),  # the cluster's GPUs, shared by 4
+        (None, 2, 1, None, {"CPU": 16.0}, (8, 0.0)),  # CPU-only cluster: CPUs / threads
+        (None, 1, 2, "cpu", {"CPU": 6.0, "GPU": 1.0}, (6, 0.0)),  # --device cpu keeps GPUs out
+        (3, 1, 2, "cuda", {"CPU": 1.0}, (3, 0.5)),  # --workers wins; cuda asked for
+        (None, 4, 1, None, {"CPU": 2.0}, (1, 0.0)),  # never fewer than one actor
+    ],
+)
+def test_actor_layout_follows_the_cluster_unless_told(workers, threads, per_gpu, device, resources, expected):
+    assert cluster.actor_layout(workers, threads, per_gpu, device, resources) == expected
+
+
+def test_four_actors_per_gpu_on_two_gpus_are_eight_quarter_gpu_actors(tmp_path, tokenizer_dir):
+    """Fake GPU resources on a CPU Ray: the default layout places 8 actors of 0.25 GPU (all GPUs
+    reserved), and every actor that runs a job holds exactly that share."""
+    import time
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from metric_search.dispatch import EvaluatorPool, Job
+
+    model = tmp_path / "tiny"
+    make_tiny_model("llama", 1).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model)
+    evaluator = EvaluatorSettings(model=str(model), cache_dir=str(tmp_path / "cache"), nsamples=4, calib_seqlen=32,
+                                  fitness_windows=2, fitness_seqlen=32, device="cpu")  # fmt: skip
+    build_evaluator(evaluator)  # statistics cached once for all actors
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    try:
+        workers, share = cluster.actor_layout(None, 1, 4, None, ray.cluster_resources())
+        assert (workers, share) == (8, 0.25)
+        pool = EvaluatorPool(evaluator.as_dict(), workers, 1, share, hard_timeout=300.0)
+        try:
+            deadline = time.monotonic() + 60
+            while ray.available_resources().get("GPU", 0.0) > 1e-9 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 8 x 0.25 placed
+            results = pool.run([Job("abs(W) * X", "proxy"), Job("abs(W)", "proxy")])
+            assert all(r["reason"] is None for r in results)
+            shares = [w["resources"].get("GPU") for w in pool.where()]
+            assert shares and all(s == pytest.approx(0.25) for s in shares)
+        finally:
+            pool.shutdown()
+    finally:
+        ray.shutdown()
