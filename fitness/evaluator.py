@@ -64,6 +64,7 @@ class FitnessConfig:
     # linear from the dense model's cached statistics, as the lower rungs
     top_rung: str = "one-shot"
     calibration: Calibration | None = None  # the statistics' calibration (needed by a sequential rung)
+    batch_size: int = 1  # fitness windows per forward pass (a GPU runs a small model's batch at once)
 
 
 class CandidateFailed(Exception):
@@ -336,7 +337,8 @@ class Evaluator:
                 self._prune_sequentially(scorer, spec, deadline)
             else:
                 self._prune(scorer, spec, deadline, check=position == 0)
-            ppl = perplexity(self.model, self.windows_for(fidelity), progress=False)["ppl"]
+            windows = self.windows_for(fidelity)
+            ppl = perplexity(self.model, windows, self.config.batch_size, progress=False)["ppl"]
             if not math.isfinite(ppl):
                 raise CandidateFailed("nonfinite", f"perplexity overflowed at {spec.describe()}")
             values[spec.describe()] = ppl

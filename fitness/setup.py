@@ -31,6 +31,7 @@ class EvaluatorSettings:
     timeout_s: float = 600.0
     update: str = "none"  # weight update with each candidate's mask: none, obs or adaptive
     top_rung: str = "one-shot"  # or "sequential": the top rung prunes with the core's sequential driver
+    batch_size: int = 1  # fitness windows per forward pass
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -67,5 +68,6 @@ def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Eval
         settings.update,
         settings.top_rung,
         key,
+        settings.batch_size,
     )
     return Evaluator(model, tokenizer, stats, config, settings.data_dir, cache_dir(settings.cache_dir))

@@ -119,6 +119,9 @@ def search_parser() -> OneLineParser:
     f.add_argument(
         "--fitness-seqlen", type=int, help=f"tokens per fitness window ({_both('fitness_seqlen')})"
     )
+    f.add_argument(
+        "--fitness-batch", type=int, help=f"fitness windows per forward pass ({_both('fitness_batch')})"
+    )
     f.add_argument("--no-multi-fidelity", action="store_true", help="every new formula gets base perplexity")
     f.add_argument(
         "--confirm", type=int, help=f"formulas per generation given base perplexity ({_both('confirm')})"
@@ -245,6 +248,7 @@ def settings_from_args(args) -> SearchSettings:
         fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
         timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", EVALUATOR_DEFAULTS.update),
         top_rung=pick("top_rung", profile["top_rung"]),
+        batch_size=pick("fitness_batch", profile["fitness_batch"]),
     )  # fmt: skip
     min_depth, max_depth = _init_depth(args.init_depth)
     defaults = SEARCH_DEFAULTS

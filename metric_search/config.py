@@ -40,6 +40,7 @@ CPU_PROFILE = {
     "top_windows": 8,
     "fitness_seqlen": 512,
     "top_rung": "one-shot",
+    "fitness_batch": 1,  # on 2 CPU cores a batch of windows is no faster than one at a time
     "final_top": 3,
     "final_windows": 16,
     "workers": 2,
@@ -62,6 +63,7 @@ GPU_PROFILE = {
     "top_windows": 64,
     "fitness_seqlen": 512,
     "top_rung": "sequential",
+    "fitness_batch": 8,
     "final_top": 5,
     "final_windows": 64,
     "threads": 4,
@@ -166,6 +168,7 @@ def check_search(settings: SearchSettings) -> None:
         f"--top-windows ({e.top_windows}) must be >= --fitness-windows ({e.fitness_windows})",
     )
     _check(e.fitness_seqlen >= 8, f"--fitness-seqlen must be >= 8, got {e.fitness_seqlen}")
+    _check(e.batch_size >= 1, f"--fitness-batch must be >= 1, got {e.batch_size}")
     _check(
         e.fitness_data != "wikitext2-test" and e.calib != "wikitext2-test",
         "wikitext2-test is for reported numbers only; search on wikitext2-valid or c4 (--fitness-data, --calib)",

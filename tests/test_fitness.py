@@ -94,6 +94,15 @@ def test_several_settings_give_the_geometric_mean_of_one_shot_perplexities(setti
         assert result["fitness"] == pytest.approx(math.sqrt(expected["0.5"] * expected["2:4"]), rel=1e-6)
 
 
+def test_batched_fitness_windows_give_the_one_by_one_perplexities(settings):
+    """``batch_size``: windows share forward passes (a GPU's throughput) with the same perplexities as
+    one window at a time, to float tolerance; 3 windows in batches of 2 leave a partial last batch."""
+    settings = replace(settings, patterns=("0.5", "2:4"), fitness_windows=3)
+    one_by_one = build_evaluator(settings).evaluate(get_scorer("wanda"))
+    batched = build_evaluator(replace(settings, batch_size=2)).evaluate(get_scorer("wanda"))
+    assert batched["reason"] is None and batched["values"] == pytest.approx(one_by_one["values"], rel=1e-5)
+
+
 @pytest.mark.parametrize("update", ["none", "adaptive"])
 def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, update):
     """``top_rung="sequential"``: the top rung's perplexity per setting is the core's sequential driver

@@ -439,7 +439,7 @@ def test_every_default_in_search_help_is_the_one_the_search_uses():
             "--top-windows": e.top_windows, "--fitness-seqlen": e.fitness_seqlen, "--confirm": s.confirm,
             "--promote": s.promote, "--tune": s.tune, "--final-top": s.final_top,
             "--final-windows": s.final_windows, "--threads": x.threads, "--candidate-timeout": x.candidate_timeout,
-            "--actors-per-gpu": x.actors_per_gpu, "--top-rung": e.top_rung,
+            "--actors-per-gpu": x.actors_per_gpu, "--top-rung": e.top_rung, "--fitness-batch": e.batch_size,
         }  # fmt: skip
         for flag, value in resolved.items():
             text = helps[flag]
