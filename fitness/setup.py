@@ -21,7 +21,7 @@ class EvaluatorSettings:
     calib: str = "c4"
     nsamples: int = 32
     calib_seqlen: int = 256
-    seed: int = 0
+    calib_seed: int = 0  # which calibration windows are drawn (the search's own seed is SearchSettings.seed)
     patterns: tuple[str, ...] = ("0.5",)  # sparsity settings, each '0.5' or '2:4'; fitness averages them
     group: str = "row"
     fitness_data: str = "wikitext2-valid"
@@ -54,7 +54,7 @@ def resolved_numbers(settings: EvaluatorSettings) -> dict:
 
 def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Evaluator:
     model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
-    key = Calibration(settings.calib, settings.nsamples, settings.calib_seqlen, settings.seed)
+    key = Calibration(settings.calib, settings.nsamples, settings.calib_seqlen, settings.calib_seed)
     stats = StatsCache.load_or_compute(
         model, tokenizer, key, cache_dir(settings.cache_dir), settings.data_dir, progress=progress
     )

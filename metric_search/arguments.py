@@ -106,7 +106,9 @@ def search_parser() -> OneLineParser:
     f.add_argument("--calib", help=f"calibration corpus ({EVALUATOR_DEFAULTS.calib})")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
     f.add_argument("--seqlen", type=int, help=f"calibration window length ({_both('seqlen')})")
-    f.add_argument("--calib-seed", type=int, help=f"calibration sampling seed ({EVALUATOR_DEFAULTS.seed})")
+    f.add_argument(
+        "--calib-seed", type=int, help=f"calibration sampling seed ({EVALUATOR_DEFAULTS.calib_seed})"
+    )
     f.add_argument("--fitness-data", help=f"fitness corpus ({EVALUATOR_DEFAULTS.fitness_data})")
     f.add_argument(
         "--fitness-windows",
@@ -241,7 +243,7 @@ def settings_from_args(args) -> SearchSettings:
     evaluator = EvaluatorSettings(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
         calib=pick("calib", EVALUATOR_DEFAULTS.calib), nsamples=pick("nsamples", profile["nsamples"]),
-        calib_seqlen=pick("seqlen", profile["seqlen"]), seed=pick("calib_seed", EVALUATOR_DEFAULTS.seed), patterns=patterns,
+        calib_seqlen=pick("seqlen", profile["seqlen"]), calib_seed=pick("calib_seed", EVALUATOR_DEFAULTS.calib_seed), patterns=patterns,
         group=pick("group", EVALUATOR_DEFAULTS.group), fitness_data=pick("fitness_data", EVALUATOR_DEFAULTS.fitness_data),
         fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
         top_windows=pick("top_windows", profile["top_windows"]),
@@ -347,7 +349,7 @@ def resume_settings(args, given: set[str]):
 def _flag_value(settings: SearchSettings, dest: str):
     evaluator = settings.evaluator
     mapping = {
-        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.seed, "pattern": evaluator.patterns,
+        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.calib_seed, "pattern": evaluator.patterns,
         "sparsity": evaluator.patterns, "settings": evaluator.patterns, "init_depth": (settings.init_min_depth, settings.init_max_depth),
         "no_multi_fidelity": not settings.multi_fidelity, "seed_formulas": settings.seed_formulas,
     }  # fmt: skip

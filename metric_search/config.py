@@ -198,6 +198,10 @@ def settings_from_dict(data: dict, origin: str) -> SearchSettings:
     try:
         evaluator_fields = {f.name for f in fields(EvaluatorSettings)}
         evaluator = data["evaluator"]
+        if isinstance(evaluator, dict) and "seed" in evaluator and "calib_seed" not in evaluator:
+            evaluator = {
+                ("calib_seed" if k == "seed" else k): v for k, v in evaluator.items()
+            }  # config.json of earlier runs
         if not isinstance(evaluator, dict) or set(evaluator) - evaluator_fields:
             raise ValueError("evaluator")
         search_fields = {f.name for f in fields(SearchSettings)} - {"evaluator"}

@@ -99,7 +99,7 @@ class _Measurer:
         out = {}
         for label, spec in zip(e.patterns, e.specs):
             model, _ = load_model(e.model, e.dtype, e.device, e.cache_dir)
-            calibration = Calibration(e.calib, e.nsamples, e.calib_seqlen, e.seed)
+            calibration = Calibration(e.calib, e.nsamples, e.calib_seqlen, e.calib_seed)
             calibrate_and_prune(
                 model, scorer, spec, self.calib_tokens, calibration, cache_root=cache_dir(e.cache_dir),
                 progress=self.progress,

@@ -162,7 +162,7 @@ def validate_run(
         "seqlen": p.seqlen,
         "max_windows": p.max_windows,
         "calib": p.calib or evaluator.calib,
-        "calib_seed": evaluator.seed if p.calib_seed is None else p.calib_seed,
+        "calib_seed": evaluator.calib_seed if p.calib_seed is None else p.calib_seed,
         "tasks": p.tasks,
         "limit": p.limit,
     }

@@ -179,6 +179,13 @@ def test_config_round_trips_and_rejects_unknown_fields():
         settings_from_dict({**data, "population": "12"}, "config.json")
 
 
+def test_a_config_from_before_the_calib_seed_rename_keeps_its_calibration_seed():
+    s = settings(evaluator=EvaluatorSettings(model="m", calib_seed=3))
+    data = json.loads(json.dumps(s.as_dict()))
+    data["evaluator"]["seed"] = data["evaluator"].pop("calib_seed")  # how earlier runs wrote it
+    assert settings_from_dict(data, "config.json") == s
+
+
 # --- ranking -----------------------------------------------------------------------------------
 
 
@@ -434,7 +441,7 @@ def test_every_default_in_search_help_is_the_one_the_search_uses():
             "--cx-prob": s.cx_prob, "--mut-prob": s.mut_prob, "--tournament": s.tournament, "--elite": s.elite,
             "--hof-size": s.hof_size, "--init-depth": f"{s.init_min_depth}:{s.init_max_depth}",
             "--max-depth": s.max_depth, "--max-size": s.max_size, "--group": e.group, "--update": e.update,
-            "--calib": e.calib, "--nsamples": e.nsamples, "--seqlen": e.calib_seqlen, "--calib-seed": e.seed,
+            "--calib": e.calib, "--nsamples": e.nsamples, "--seqlen": e.calib_seqlen, "--calib-seed": e.calib_seed,
             "--fitness-data": e.fitness_data, "--fitness-windows": e.fitness_windows,
             "--top-windows": e.top_windows, "--fitness-seqlen": e.fitness_seqlen, "--confirm": s.confirm,
             "--promote": s.promote, "--tune": s.tune, "--final-top": s.final_top,
