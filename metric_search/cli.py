@@ -149,7 +149,7 @@ def cmd_search(argv: list[str]) -> int:
 
 
 def cmd_validate(argv: list[str]) -> int:
-    from metric_search.validate import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES, validate_run
+    from metric_search.heldout import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES, heldout_run
     from pruning_core.pipeline import ModelSource
 
     def both(name: str) -> str:
@@ -214,7 +214,7 @@ def cmd_validate(argv: list[str]) -> int:
             print(f"{cell['pattern']:>6} {cell['metric']}: ppl {cell['ppl']:.3f}{accuracy}", file=sys.stderr)
 
     machine = ModelSource(dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    result = validate_run(args.run_dir, plan, machine, args.data_dir, progress=not args.json, on_cell=show)
+    result = heldout_run(args.run_dir, plan, machine, args.data_dir, progress=not args.json, on_cell=show)
     emit(result, args.json, f"wrote {Path(args.run_dir) / 'validation.md'}")
     return 0
 

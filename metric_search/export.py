@@ -13,7 +13,7 @@ from metric_search.results import load_run
 from primitives.scorer import FormulaScorer
 from pruning_core.errors import UsageError
 from pruning_core.files import atomic_write_text
-from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, user_plugin_dir, validate_plugin
+from pruning_core.plugins import PLUGIN_FORMAT, PLUGIN_VERSION, checked_plugin, user_plugin_dir
 from pruning_core.scorers.base import registered
 from pruning_core.updates import stats_with_update
 
@@ -80,7 +80,7 @@ def export_plugins(
     builtins = registered()
     planned = []
     for rank, (key, plugin_name) in enumerate(zip(hall[:top], names), start=1):
-        data = validate_plugin(plugin_data(run, key, rank, plugin_name), f"{plugin_name!r}")
+        data = checked_plugin(plugin_data(run, key, rank, plugin_name), f"{plugin_name!r}")
         if plugin_name in builtins and not hasattr(builtins[plugin_name], "provenance"):
             raise UsageError(f"--name {plugin_name!r} is a built-in scorer; choose another --name")
         path = directory / f"{plugin_name}.json"

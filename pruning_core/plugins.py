@@ -50,7 +50,7 @@ def plugin_dirs() -> list[Path]:
     return [*_extra_dirs, *env, user_plugin_dir()]
 
 
-def validate_plugin(data, origin: str) -> dict:
+def checked_plugin(data, origin: str) -> dict:
     """Check a parsed plugin against the schema: exact keys, types, version, a safe name."""
     if not isinstance(data, dict):
         raise UsageError(f"plugin {origin} is not a JSON object; re-export it with `metric_search export`")
@@ -92,7 +92,7 @@ def read_plugin_file(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"plugin {path} is not valid JSON ({err.__class__.__name__}); re-export it") from err
-    return validate_plugin(data, str(path))
+    return checked_plugin(data, str(path))
 
 
 class PluginScorer:
@@ -136,7 +136,7 @@ def _discovered() -> list[tuple[dict, str]]:
     for ep in entry_points(group=PLUGIN_ENTRY_POINTS):
         payload = ep.load()
         for item in payload if isinstance(payload, list) else [payload]:
-            found.append((validate_plugin(item, f"entry point {ep.name}"), f"entry point {ep.name}"))
+            found.append((checked_plugin(item, f"entry point {ep.name}"), f"entry point {ep.name}"))
     return found
 
 

@@ -20,7 +20,7 @@ from pruning_core.cli_common import run_cli
 from pruning_core.data import load_rows, tokenize_corpus
 from pruning_core.models import load_model
 from pruning_core.perplexity import make_windows, perplexity
-from pruning_core.plugins import validate_plugin
+from pruning_core.plugins import checked_plugin
 from pruning_core.pruning import Calibration, calibrate_and_prune
 from pruning_core.scorers import SparsitySpec, get_scorer
 from pruning_core.zeroshot import evaluate_zeroshot
@@ -121,7 +121,7 @@ def test_export_is_listed_and_prunes_like_the_formula(
     run = load_run(three_generations)
     for rank in (1, 2):
         data = json.loads((plugins / f"found-{rank}.json").read_text())
-        assert validate_plugin(data, "test") == data
+        assert checked_plugin(data, "test") == data
         entry = hall["entries"][rank - 1]
         assert data["formula"] == entry["formula"] and data["group"] == "row"
         assert data["stats"] == list(FormulaScorer(entry["formula"]).stats)
@@ -204,6 +204,6 @@ def test_validate_and_export_carry_a_weight_update(three_generations, search_mod
     run = replace(
         run, settings=replace(run.settings, evaluator=replace(run.settings.evaluator, update="obs"))
     )
-    data = validate_plugin(plugin_data(run, run.state.hall_of_fame[0], 1, "found-obs"), "test")
+    data = checked_plugin(plugin_data(run, run.state.hall_of_fame[0], 1, "found-obs"), "test")
     assert data["update"] == "obs" and data["stats"][-1] == "hessian"
     assert isinstance(UpdatingPluginScorer(data, "test"), UpdatingPluginScorer)

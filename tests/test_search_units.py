@@ -27,6 +27,7 @@ from metric_search.checkpoint import (
 )
 from metric_search.config import ExecutionSettings, SearchSettings, settings_from_dict
 from metric_search.engine import Engine
+from metric_search.heldout import parse_patterns
 from metric_search.report import pareto_front
 from metric_search.search import start_run
 from metric_search.selection import (
@@ -38,7 +39,6 @@ from metric_search.selection import (
     tournament,
     update_hall_of_fame,
 )
-from metric_search.validate import parse_patterns
 from primitives import canonical_key, parse_formula
 from primitives.pset import tree_to_deap
 from primitives.tree import depth, size

@@ -113,7 +113,7 @@ def test_a_plugin_with_an_update_prunes_like_its_formula_then_the_update(tmp_pat
 
     bad = {**data, "name": "bad-update", "update": "magic"}
     with pytest.raises(UsageError, match="has update 'magic'"):
-        plugins.validate_plugin(bad, "bad.json")
+        plugins.checked_plugin(bad, "bad.json")
     wrong_stats = {**data, "name": "wrong-stats", "stats": ["X"]}
     (tmp_path / "p.json").write_text(json.dumps(wrong_stats))
     with pytest.raises(UsageError, match="lists stats"):

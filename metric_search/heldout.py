@@ -1,6 +1,7 @@
-"""`validate`: the top formulas of a run through the pruning core's sequential driver, perplexity on
-WikiText-2 *test* (the split the search never saw), at the run's sparsity and at 2:4, 4:8 and 60%,
-next to published metrics; a markdown table (and JSON) in the run directory, updated after every cell."""
+"""The held-out table of `metric_search validate`: the top formulas of a run through the pruning core's
+sequential driver, perplexity on WikiText-2 *test* (the split the search never saw), at the run's
+sparsity and at 2:4, 4:8 and 60%, next to published metrics; a markdown table (and JSON) in the run
+directory, updated after every cell."""
 
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def render(run, settings: dict, patterns, rows: list[Row], records: list[dict], 
     return "\n".join(lines) + "\n"
 
 
-def validate_run(
+def heldout_run(
     run_dir, plan: ValidationPlan, machine=None, data_dir=None, progress: bool = False, on_cell=None
 ) -> dict:
     """Fill the table cell by cell (rewriting validation.md / .json each time); return its data.
