@@ -101,7 +101,7 @@ def search_parser() -> OneLineParser:
         choices=TOP_RUNGS,
         help="how the top rung prunes: one-shot (every linear from the dense model's statistics, as the "
         "lower rungs) or sequential (the pruning core's sequential driver, the protocol users prune with "
-        f"and the final check measures; ~3x the cost) ({_both('top_rung')})",
+        f"and the final check measures; ~4x the cost on CPU) ({_both('top_rung')})",
     )
     f.add_argument("--calib", help=f"calibration corpus ({EVALUATOR_DEFAULTS.calib})")
     f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
