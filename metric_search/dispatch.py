@@ -59,7 +59,8 @@ def _check_resources(workers: int, threads: int, gpu_share: float) -> None:
         if have < amount - 1e-9:
             raise PoolError(
                 f"{workers} workers x {threads} threads need {amount:g} {resource} but the Ray cluster has "
-                f"{have:g}; pass fewer --workers, --threads or more --actors-per-gpu"
+                f"{have:g}; pass fewer --workers or "
+                + ("--threads" if resource == "CPU" else "more --actors-per-gpu")
             )
 
 

@@ -106,3 +106,22 @@ def test_four_actors_per_gpu_on_two_gpus_are_eight_quarter_gpu_actors(tmp_path, 
             pool.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_a_pool_the_cluster_cannot_hold_names_the_flag_that_helps():
+    import ray
+
+    from metric_search.dispatch import EvaluatorPool, PoolError
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(
+            PoolError, match=r"need 8 CPU but the Ray cluster has 4; pass fewer --workers or --threads"
+        ):
+            EvaluatorPool({}, workers=8, threads=1, gpu_share=0.0, hard_timeout=60.0)
+        with pytest.raises(
+            PoolError, match=r"need 2 GPU .* has 1; pass fewer --workers or more --actors-per-gpu"
+        ):
+            EvaluatorPool({}, workers=2, threads=1, gpu_share=1.0, hard_timeout=60.0)
+    finally:
+        ray.shutdown()
