@@ -1,7 +1,9 @@
 """A pool of evaluator actors on Ray: formula texts go out, results come back as they finish
 (``ray.wait``) and are stored by job index, so the caller sees the same results whatever the
 completion order. A job that outlives its deadline is marked ``timeout`` and its actor replaced; an
-actor that dies is replaced and its job retried once, then marked ``error``."""
+actor that dies is replaced and its job retried; a job that also kills an actor started after its first
+death is marked ``lost``. Deaths on actors that were already dead when they got the job (killed together,
+not yet noticed) do not count: how many actors die at once must not decide a candidate's result."""
 
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def _check_resources(workers: int, threads: int, gpu_share: float) -> None:
 
 
 class _Worker:
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, serial: int):
+        self.handle, self.serial = handle, serial  # serial: creation order in the pool
         self.ready = handle.where.remote()
         self.where: dict | None = None
 
@@ -91,13 +93,15 @@ class EvaluatorPool:
         self._busy: dict = {}  # result ref -> (worker, job index, start time)
         self._warming = True
         self._created = time.monotonic()
+        self._serials = 0  # actors created so far
         for _ in range(workers):
             self._start_worker()
 
     # --- actors -------------------------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        worker = _Worker(self._actor_class.remote(self._settings, self._threads))
+        worker = _Worker(self._actor_class.remote(self._settings, self._threads), self._serials)
+        self._serials += 1
         self._starting[worker.ready] = worker
 
     def _replace(self, worker: _Worker) -> None:
@@ -138,6 +142,7 @@ class EvaluatorPool:
         ``where`` is the pid and node of the actor that ran it."""
         results: list[dict | None] = [None] * len(jobs)
         deaths = [0] * len(jobs)
+        fresh_from = [0] * len(jobs)  # a death counts on actors with at least this serial
         pending = deque(range(len(jobs)))
 
         def finish(index: int, result: dict, worker: _Worker) -> None:
@@ -156,8 +161,10 @@ class EvaluatorPool:
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as err:
+                    if worker.serial >= fresh_from[index]:
+                        deaths[index] += 1
+                        fresh_from[index] = self._serials  # the replacement started next, and later ones
                     self._replace(worker)
-                    deaths[index] += 1
                     if deaths[index] == 1:
                         pending.appendleft(index)  # retried first, on the next free actor
                     else:

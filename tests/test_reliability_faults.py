@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from ray import cloudpickle
 from search_fixtures import (
     candidate_rows,
     descendants,
+    evaluator_settings,
     outcome,
     run_in_process,
     search_flags,
@@ -154,6 +156,26 @@ def test_killed_actors_change_nothing(reference, search_model, search_cache, tmp
     assert len(set(killed)) == (1 if victims == "one" else workers)
     assert search.actors_replaced >= len(killed)
     assert outcome(run_dir) == outcome(reference)
+
+
+def test_a_job_that_reaches_actors_already_dead_runs_on_a_fresh_one(local_ray, search_model, search_cache):
+    """Both idle actors are killed at once; the next job reaches one, then the other (dead, not yet
+    noticed), before a replacement: neither death is the job's fault, so it must not end as lost."""
+    pool = dispatch.EvaluatorPool(evaluator_settings(search_model, search_cache).as_dict(), workers=2,
+                                  threads=1, gpu_share=0.0, hard_timeout=300.0)  # fmt: skip
+    try:
+        jobs = [dispatch.Job("abs(W) * X", "proxy"), dispatch.Job("abs(W)", "proxy")]
+        before = pool.run(jobs)
+        victims = [psutil.Process(w["pid"]) for w in pool.where()]
+        assert len(victims) == 2
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=30)
+        (after,) = pool.run(jobs[:1])
+    finally:
+        pool.shutdown()
+    assert pool.replaced >= 2  # both dead actors got the job, and were replaced
+    assert (after["reason"], after["fitness"]) == (None, before[0]["fitness"])
 
 
 def test_every_result_is_on_disk_before_the_next_one_arrives(local_ray, search_model, search_cache, tmp_path):
