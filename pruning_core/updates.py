@@ -132,7 +132,7 @@ def check_update(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(frozen=True)
 class WithUpdate(Solver):
     """``scorer``'s mask followed by the update ``update`` (a key of UPDATES)."""
 
@@ -147,10 +147,14 @@ class WithUpdate(Solver):
                 f"{self.scorer.name} chooses its mask inside its own update; use --update none, obs or "
                 "refit with it, not adaptive"
             )
-        self.name = f"{self.scorer.name}+{self.update}"
-        self.stats = stats_with_update(self.scorer.stats, self.update)
-        self.default_group = self.scorer.default_group
-        self.reference = getattr(self.scorer, "reference", "")
+        derived = {
+            "name": f"{self.scorer.name}+{self.update}",
+            "stats": stats_with_update(self.scorer.stats, self.update),
+            "default_group": self.scorer.default_group,
+            "reference": getattr(self.scorer, "reference", ""),
+        }
+        for field_name, value in derived.items():  # frozen: derived fields are set once, here
+            object.__setattr__(self, field_name, value)
 
     def prune(self, weight: torch.Tensor, stats: dict[str, torch.Tensor], spec: SparsitySpec) -> torch.Tensor:
         if self.update == "adaptive":

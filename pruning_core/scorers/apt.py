@@ -258,7 +258,7 @@ def apt_prune(
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class APT(Solver):
     """Registered solver; ``prune`` returns the updated float32 weight."""
 

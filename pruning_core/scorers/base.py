@@ -24,6 +24,8 @@ STAT_NAMES = ("X", "hessian", "G")
 
 @runtime_checkable
 class Scorer(Protocol):
+    """What the driver needs of a score-only scorer (built-ins are frozen dataclasses with ``@register``)."""
+
     name: str
     stats: tuple[str, ...]
     default_group: str
@@ -32,7 +34,7 @@ class Scorer(Protocol):
     def score(self, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Solver:
     """Base for scorers that also update the kept weights (prune returns the new weight)."""
 
@@ -45,7 +47,7 @@ class Solver:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, object] = {}
+_REGISTRY: dict[str, Scorer | Solver] = {}
 
 
 def register(scorer):
@@ -57,11 +59,11 @@ def register(scorer):
     return scorer
 
 
-def registered() -> dict[str, object]:
+def registered() -> dict[str, Scorer | Solver]:
     return dict(_REGISTRY)
 
 
-def get_scorer(name: str):
+def get_scorer(name: str) -> Scorer | Solver:
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise UsageError(f"unknown scorer {name!r}; choose one of: {known} (or pass --formula TEXT)")

@@ -17,6 +17,7 @@ def min_max_scale(x: torch.Tensor) -> torch.Tensor:
     return (x - low) / (high - low).clamp_min(EPS)
 
 
+@register
 @dataclass(frozen=True)
 class Magnitude:
     name: str = "magnitude"
@@ -28,6 +29,7 @@ class Magnitude:
         return weight.float().abs()
 
 
+@register
 @dataclass(frozen=True)
 class Wanda:
     name: str = "wanda"
@@ -39,6 +41,7 @@ class Wanda:
         return weight.float().abs() * stats["X"].float().unsqueeze(0)
 
 
+@register
 @dataclass(frozen=True)
 class RIA:
     """Relative importance (|W| over its row sum plus over its column sum) times ||X_j||^a."""
@@ -57,6 +60,7 @@ class RIA:
         return relative * stats["X"].float().pow(self.power).unsqueeze(0)
 
 
+@register
 @dataclass(frozen=True)
 class PrunerZero:
     """The metric Pruner-Zero's search found and released: |W * W| * mms(G)."""
@@ -69,7 +73,3 @@ class PrunerZero:
     def score(self, weight, stats):
         w = weight.float()
         return (w * w) * min_max_scale(stats["G"].float())
-
-
-for _scorer in (Magnitude(), Wanda(), RIA(), PrunerZero()):
-    register(_scorer)

@@ -187,7 +187,7 @@ def sparsegpt_prune(
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class SparseGPT(Solver):
     """Registered solver; ``prune`` returns the updated float32 weight."""
 

@@ -15,6 +15,8 @@ NaN, and a matrix with zero (or undefined) spread gets z = 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pruning_core.scorers.base import register
@@ -55,11 +57,12 @@ def zpruner_scores(weight: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
 
 
 @register
+@dataclass(frozen=True)
 class ZPruner:
-    name = "z-pruner"
-    stats = ("X",)
-    default_group = "matrix"  # as RIA's code, which Z-Pruner's builds on: per row only on request
-    reference = (
+    name: str = "z-pruner"
+    stats: tuple[str, ...] = ("X",)
+    default_group: str = "matrix"  # as RIA's code, which Z-Pruner's builds on: per row only on request
+    reference: str = (
         "Bhuiyan et al. 2025, Z-Pruner: Post-Training Pruning of LLMs for Efficiency without Retraining"
     )
 
