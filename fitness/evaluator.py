@@ -24,7 +24,7 @@ import torch
 from fitness.stacks import LinearStack, gather_rows, stack_linears
 from fitness.stats_cache import StatsCache
 from pruning_core.blocks import prunable_linears
-from pruning_core.data import load_rows, tokenize_corpus
+from pruning_core.data import corpus_tokens
 from pruning_core.masks import keep_mask
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.pruning import Calibration
@@ -104,7 +104,7 @@ class Evaluator:
         if config.top_rung == "sequential" and config.calibration is None:
             raise ValueError("a sequential top rung needs the calibration")
         self.linears = prunable_linears(model)
-        tokens = tokenize_corpus(tokenizer, load_rows(config.data, data_dir))
+        tokens = corpus_tokens(tokenizer, config.data, data_dir)
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
@@ -316,9 +316,7 @@ class Evaluator:
         from pruning_core.updates import with_update
 
         if self._calib_tokens is None:
-            self._calib_tokens = tokenize_corpus(
-                self.tokenizer, load_rows(self.config.calibration.data, self.data_dir)
-            )
+            self._calib_tokens = corpus_tokens(self.tokenizer, self.config.calibration.data, self.data_dir)
         self.restore()
         calibrate_and_prune(
             self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pruning_core.blocks import model_fingerprint
-from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.data import calibration_windows, corpus_tokens
 from pruning_core.files import atomic_path, atomic_write_json, file_sha256, key_digest
 from pruning_core.gradients import gradient_magnitudes
 from pruning_core.linalg import inverse_hessian_diag
@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 def compute_stats(model, tokenizer, key: Calibration, data_dir=None, cache_root=None, progress=True):
     """Per prunable linear: X (in,), H = [H^-1]_jj (in,), G (out, in); Hessians shared by linears that
     read the same input (q/k/v, gate/up), referenced by name. Returns (tensors, hessian_of)."""
-    tokens = tokenize_corpus(tokenizer, load_rows(key.data, data_dir))
+    tokens = corpus_tokens(tokenizer, key.data, data_dir)
     windows = calibration_windows(tokens, key.nsamples, key.seqlen, key.seed)
     gradients = gradient_magnitudes(model, windows, key.key(), cache_root, progress)
     tensors: dict[str, torch.Tensor] = {}

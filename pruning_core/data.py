@@ -3,6 +3,7 @@ calibration sampler."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,41 @@ def tokenize_corpus(tokenizer, rows: list[str]) -> torch.Tensor:
     """Rows joined with "\\n\\n" and tokenized once (the SparseGPT/Wanda protocol): a 1-D LongTensor."""
     ids = tokenizer("\n\n".join(rows), return_tensors="pt", verbose=False).input_ids
     return ids[0]
+
+
+# Token ids by (tokenizer, corpus file) for this process: a search's driver, the final check and the
+# test suite tokenize the same corpora many times, each time seconds for WikiText-2.
+_CORPUS_TOKENS: dict[tuple, torch.Tensor] = {}
+
+
+def _corpus_key(tokenizer, name: str, data_dir) -> tuple | None:
+    """What the token ids depend on: the tokenizer's whole definition and the local file's identity
+    (None, no memo: a slow tokenizer, or a hub copy that is not pinned to a file)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    local = (Path(data_dir) if data_dir else default_data_dir()) / CORPORA[name].local_file
+    if backend is None or not local.is_file():
+        return None
+    stat = local.stat()
+    definition = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    python_side = tuple(getattr(tokenizer, a, None) for a in ("add_bos_token", "add_eos_token"))
+    return (
+        type(tokenizer).__name__,
+        python_side,
+        definition,
+        str(local.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
+
+
+def corpus_tokens(tokenizer, name: str, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """``tokenize_corpus(tokenizer, load_rows(name, data_dir))``, remembered for this process (a copy)."""
+    key = _corpus_key(tokenizer, name, data_dir) if name in CORPORA else None
+    if key is None:
+        return tokenize_corpus(tokenizer, load_rows(name, data_dir))
+    if key not in _CORPUS_TOKENS:
+        _CORPUS_TOKENS[key] = tokenize_corpus(tokenizer, load_rows(name, data_dir))
+    return _CORPUS_TOKENS[key].clone()
 
 
 def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

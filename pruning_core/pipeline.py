@@ -63,11 +63,11 @@ def evaluate(model, tokenizer, evaluation: Evaluation, data_dir=None, progress: 
     zero-shot accuracies under "zeroshot"."""
     result = {}
     if evaluation.data:
-        from pruning_core.data import load_rows, tokenize_corpus
+        from pruning_core.data import corpus_tokens
         from pruning_core.perplexity import check_seqlen, make_windows, perplexity
 
         check_seqlen(model, evaluation.seqlen)
-        tokens = tokenize_corpus(tokenizer, load_rows(evaluation.data, data_dir))
+        tokens = corpus_tokens(tokenizer, evaluation.data, data_dir)
         windows = make_windows(tokens, evaluation.seqlen, evaluation.max_windows)
         result.update(perplexity(model, windows, evaluation.batch_size, progress=progress))
     if evaluation.tasks:
@@ -82,7 +82,7 @@ def evaluate(model, tokenizer, evaluation: Evaluation, data_dir=None, progress: 
 def prune_and_evaluate(job: PruneJob, scorer=None):
     """Run ``job`` (``scorer``: an already resolved one, else the job's); return (model, tokenizer,
     result) with the calibration report, the measured sparsity and the evaluation."""
-    from pruning_core.data import load_rows, tokenize_corpus
+    from pruning_core.data import corpus_tokens
     from pruning_core.models import cache_dir
     from pruning_core.perplexity import check_seqlen
 
@@ -90,7 +90,7 @@ def prune_and_evaluate(job: PruneJob, scorer=None):
     model, tokenizer = job.source.load()
     check_seqlen(model, job.calibration.seqlen)
     started = time.perf_counter()
-    calib = tokenize_corpus(tokenizer, load_rows(job.calibration.data, job.data_dir))
+    calib = corpus_tokens(tokenizer, job.calibration.data, job.data_dir)
     report = calibrate_and_prune(
         model, scorer, job.spec, calib, job.calibration, owl=job.owl,
         cache_root=cache_dir(job.source.cache_dir), progress=job.progress,

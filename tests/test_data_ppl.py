@@ -7,7 +7,7 @@ import math
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
+from pruning_core.data import calibration_windows, corpus_tokens, load_rows, tokenize_corpus
 from pruning_core.perplexity import make_windows, perplexity
 
 
@@ -70,3 +70,29 @@ def test_perplexity_equals_a_direct_cross_entropy_loop(tiny_model_dir, data_dir)
     expected = math.exp(total / count)
     assert got["windows"] == 9 and got["tokens"] == 9 * 64
     assert abs(got["ppl"] - expected) / expected < 1e-5
+
+
+def test_remembered_corpus_tokens_are_the_tokenized_file_and_follow_its_changes(
+    tokenizer_dir, data_dir, tmp_path
+):
+    import shutil
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folder = tmp_path / "data"
+    shutil.copytree(data_dir / "wikitext-2-raw", folder / "wikitext-2-raw")
+    raw = folder / "wikitext-2-raw" / "wiki.valid.raw"
+    # Independent: the file read by hand, joined and tokenized directly.
+    with open(raw, encoding="utf-8", newline="") as fh:
+        rows = [line if line.strip() else "" for line in fh.read().splitlines(keepends=True)]
+    expected = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
+    first = corpus_tokens(tokenizer, "wikitext2-valid", folder)
+    assert torch.equal(first, expected)
+    first.zero_()  # callers get a copy: the remembered ids are not theirs to change
+    again = corpus_tokens(AutoTokenizer.from_pretrained(tokenizer_dir), "wikitext2-valid", folder)
+    assert torch.equal(again, expected)
+
+    raw.write_text(" = A new article = \n", encoding="utf-8")  # an edited file is tokenized again
+    edited = corpus_tokens(tokenizer, "wikitext2-valid", folder)
+    assert torch.equal(
+        edited, tokenizer("\n\n".join([" = A new article = \n"]), return_tensors="pt").input_ids[0]
+    )

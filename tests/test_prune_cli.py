@@ -1,15 +1,20 @@
-"""prune + eval + save + reload on tiny random configs of five architectures, through the CLI."""
+"""prune + eval + save + reload on tiny random configs of five architectures, through the CLI (run in
+this process: a subprocess would spend most of each test importing torch; test_cli_errors runs the real
+entry point)."""
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 from conftest import ARCHS
-from test_cli_errors import run_cli
 from transformers import AutoModelForCausalLM
 
+from pruning_core import cli, cli_common
 from pruning_core.blocks import block_linears, find_blocks
 from pruning_core.data import load_rows, tokenize_corpus
 from pruning_core.models import load_model
@@ -17,6 +22,14 @@ from pruning_core.perplexity import make_windows, perplexity
 
 CALIB = ["--calib", "c4", "--nsamples", "4", "--seqlen", "32", "--seed", "0"]
 EVAL = ["--eval", "wikitext2-valid", "--max-windows", "3"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pruning_core ARGS`` in this process: exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli_common.run_cli(cli.main, list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def prune_json(model_dir, *extra):
