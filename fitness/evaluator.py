@@ -104,7 +104,7 @@ class Evaluator:
         if config.top_rung == "sequential" and config.calibration is None:
             raise ValueError("a sequential top rung needs the calibration")
         self.linears = prunable_linears(model)
-        tokens = corpus_tokens(tokenizer, config.data, data_dir)
+        tokens = corpus_tokens(tokenizer, config.data, data_dir, cache_root)
         self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
@@ -316,7 +316,9 @@ class Evaluator:
         from pruning_core.updates import with_update
 
         if self._calib_tokens is None:
-            self._calib_tokens = corpus_tokens(self.tokenizer, self.config.calibration.data, self.data_dir)
+            self._calib_tokens = corpus_tokens(
+                self.tokenizer, self.config.calibration.data, self.data_dir, self.cache_root
+            )
         self.restore()
         calibrate_and_prune(
             self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),

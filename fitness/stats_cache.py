@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 def compute_stats(model, tokenizer, key: Calibration, data_dir=None, cache_root=None, progress=True):
     """Per prunable linear: X (in,), H = [H^-1]_jj (in,), G (out, in); Hessians shared by linears that
     read the same input (q/k/v, gate/up), referenced by name. Returns (tensors, hessian_of)."""
-    tokens = corpus_tokens(tokenizer, key.data, data_dir)
+    tokens = corpus_tokens(tokenizer, key.data, data_dir, cache_root)
     windows = calibration_windows(tokens, key.nsamples, key.seqlen, key.seed)
     gradients = gradient_magnitudes(model, windows, key.key(), cache_root, progress)
     tensors: dict[str, torch.Tensor] = {}

@@ -72,13 +72,15 @@ class _Measurer:
 
     def __init__(self, settings: SearchSettings, progress: bool):
         from pruning_core.data import corpus_tokens
-        from pruning_core.models import load_model
+        from pruning_core.models import cache_dir, load_model
         from pruning_core.perplexity import make_windows
 
         e = settings.evaluator
         self.settings, self.progress = settings, progress
         _, tokenizer = load_model(e.model, e.dtype, e.device, e.cache_dir)
-        corpus = make_windows(corpus_tokens(tokenizer, e.fitness_data, e.data_dir), e.fitness_seqlen)
+        corpus = make_windows(
+            corpus_tokens(tokenizer, e.fitness_data, e.data_dir, cache_dir(e.cache_dir)), e.fitness_seqlen
+        )
         self.first = max(e.fitness_windows, e.top_windows)
         self.windows = corpus[self.first : self.first + settings.final_windows]
         if self.windows.shape[0] == 0:
@@ -86,7 +88,7 @@ class _Measurer:
                 f"{e.fitness_data} has {corpus.shape[0]} windows of {e.fitness_seqlen} tokens, none after the "
                 f"{self.first} the search read; lower --top-windows or --fitness-seqlen, or pass --final-top 0"
             )
-        self.calib_tokens = corpus_tokens(tokenizer, e.calib, e.data_dir)
+        self.calib_tokens = corpus_tokens(tokenizer, e.calib, e.data_dir, cache_dir(e.cache_dir))
 
     def nll(self, scorer) -> dict[str, np.ndarray]:
         from pruning_core.models import cache_dir, load_model

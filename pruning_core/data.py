@@ -83,39 +83,68 @@ def tokenize_corpus(tokenizer, rows: list[str]) -> torch.Tensor:
     return ids[0]
 
 
-# Token ids by (tokenizer, corpus file) for this process: a search's driver, the final check and the
-# test suite tokenize the same corpora many times, each time seconds for WikiText-2.
-_CORPUS_TOKENS: dict[tuple, torch.Tensor] = {}
+# Token ids by (tokenizer, corpus file), remembered for this process and, with a cache root, on disk:
+# a search's driver, each of its actors, the final check and the test suite tokenize the same corpora
+# many times, each time seconds for WikiText-2.
+_CORPUS_TOKENS: dict[str, torch.Tensor] = {}
 
 
-def _corpus_key(tokenizer, name: str, data_dir) -> tuple | None:
+def _corpus_key(tokenizer, name: str, data_dir) -> dict | None:
     """What the token ids depend on: the tokenizer's whole definition and the local file's identity
-    (None, no memo: a slow tokenizer, or a hub copy that is not pinned to a file)."""
+    (None, nothing remembered: a slow tokenizer, or a hub copy that is not pinned to a file)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     local = (Path(data_dir) if data_dir else default_data_dir()) / CORPORA[name].local_file
     if backend is None or not local.is_file():
         return None
     stat = local.stat()
-    definition = hashlib.sha256(backend.to_str().encode()).hexdigest()
-    python_side = tuple(getattr(tokenizer, a, None) for a in ("add_bos_token", "add_eos_token"))
-    return (
-        type(tokenizer).__name__,
-        python_side,
-        definition,
-        str(local.resolve()),
-        stat.st_size,
-        stat.st_mtime_ns,
-    )
+    return {
+        "tokenizer": type(tokenizer).__name__,
+        "definition": hashlib.sha256(backend.to_str().encode()).hexdigest(),
+        "python_side": [getattr(tokenizer, a, None) for a in ("add_bos_token", "add_eos_token")],
+        "file": [str(local.resolve()), stat.st_size, stat.st_mtime_ns],
+    }
 
 
-def corpus_tokens(tokenizer, name: str, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    """``tokenize_corpus(tokenizer, load_rows(name, data_dir))``, remembered for this process (a copy)."""
+def corpus_tokens(
+    tokenizer, name: str, data_dir: str | os.PathLike | None = None, cache_root=None
+) -> torch.Tensor:
+    """``tokenize_corpus(tokenizer, load_rows(name, data_dir))`` (a copy), remembered for this process
+    and, when ``cache_root`` is given, in its ``tokens/`` folder."""
+    from pruning_core.files import key_digest
+
     key = _corpus_key(tokenizer, name, data_dir) if name in CORPORA else None
     if key is None:
         return tokenize_corpus(tokenizer, load_rows(name, data_dir))
-    if key not in _CORPUS_TOKENS:
-        _CORPUS_TOKENS[key] = tokenize_corpus(tokenizer, load_rows(name, data_dir))
-    return _CORPUS_TOKENS[key].clone()
+    digest = key_digest(key)
+    if digest not in _CORPUS_TOKENS:
+        path = Path(cache_root) / "tokens" / f"{digest}.safetensors" if cache_root else None
+        ids = _stored_tokens(path) if path else None
+        if ids is None:
+            ids = tokenize_corpus(tokenizer, load_rows(name, data_dir))
+            if path:
+                _store_tokens(path, ids)
+        _CORPUS_TOKENS[digest] = ids
+    return _CORPUS_TOKENS[digest].clone()
+
+
+def _stored_tokens(path: Path) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)["ids"]
+    except Exception:  # damaged or truncated: tokenized again and rewritten
+        return None
+
+
+def _store_tokens(path: Path, ids: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from pruning_core.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"ids": ids.contiguous()}, str(tmp))
 
 
 def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -90,7 +90,7 @@ def prune_and_evaluate(job: PruneJob, scorer=None):
     model, tokenizer = job.source.load()
     check_seqlen(model, job.calibration.seqlen)
     started = time.perf_counter()
-    calib = corpus_tokens(tokenizer, job.calibration.data, job.data_dir)
+    calib = corpus_tokens(tokenizer, job.calibration.data, job.data_dir, cache_dir(job.source.cache_dir))
     report = calibrate_and_prune(
         model, scorer, job.spec, calib, job.calibration, owl=job.owl,
         cache_root=cache_dir(job.source.cache_dir), progress=job.progress,

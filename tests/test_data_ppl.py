@@ -96,3 +96,28 @@ def test_remembered_corpus_tokens_are_the_tokenized_file_and_follow_its_changes(
     assert torch.equal(
         edited, tokenizer("\n\n".join([" = A new article = \n"]), return_tensors="pt").input_ids[0]
     )
+
+
+def test_corpus_tokens_on_disk_are_reused_by_a_new_process_and_a_damaged_file_is_redone(
+    tokenizer_dir, data_dir, tmp_path, monkeypatch
+):
+    from pruning_core import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    expected = tokenize_corpus(tokenizer, load_rows("wikitext2-valid", data_dir))
+    monkeypatch.setattr(data, "_CORPUS_TOKENS", {})
+    assert torch.equal(corpus_tokens(tokenizer, "wikitext2-valid", data_dir, tmp_path), expected)
+    (stored,) = (tmp_path / "tokens").glob("*.safetensors")
+
+    def no_tokenizing(*_):
+        raise AssertionError("tokenized again although the ids are on disk")
+
+    monkeypatch.setattr(data, "_CORPUS_TOKENS", {})  # as a new process sees it
+    monkeypatch.setattr(data, "tokenize_corpus", no_tokenizing)
+    assert torch.equal(corpus_tokens(tokenizer, "wikitext2-valid", data_dir, tmp_path), expected)
+
+    stored.write_bytes(stored.read_bytes()[:100])  # truncated by a crash outside our atomic write
+    monkeypatch.setattr(data, "_CORPUS_TOKENS", {})
+    monkeypatch.setattr(data, "tokenize_corpus", tokenize_corpus)
+    assert torch.equal(corpus_tokens(tokenizer, "wikitext2-valid", data_dir, tmp_path), expected)
+    assert torch.equal(data._stored_tokens(stored), expected)  # rewritten
