@@ -3,7 +3,9 @@
 completion order. A job that outlives its deadline is marked ``timeout`` and its actor replaced; an
 actor that dies is replaced and its job retried; a job that also kills an actor started after its first
 death is marked ``lost``. Deaths on actors that were already dead when they got the job (killed together,
-not yet noticed) do not count: how many actors die at once must not decide a candidate's result."""
+not yet noticed) do not count: how many actors die at once must not decide a candidate's result. An
+actor that cannot be placed within ``placement_timeout`` is given up and the others take its jobs; with
+none left the pool raises ``PoolError`` (the run stops; its results are on disk for ``--resume``)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import ray
 from fitness.actor import EvaluatorActor
 
 WARM_WAIT_S = 300.0  # how long the first jobs wait for slow-starting actors before using the ready ones
+# An actor not up by then is given up (no room for it in the cluster, or its node is gone); its jobs run
+# on the others. Long enough for an actor that computes the calibration statistics itself.
+PLACEMENT_WAIT_S = 900.0
 START_FAILURES_PER_WORKER = 2  # an actor that cannot even start twice in a row means a broken setup
 
 
@@ -69,14 +74,16 @@ def _check_resources(workers: int, threads: int, gpu_share: float) -> None:
 class _Worker:
     def __init__(self, handle, serial: int):
         self.handle, self.serial = handle, serial  # serial: creation order in the pool
+        self.created = time.monotonic()
         self.ready = handle.where.remote()
         self.where: dict | None = None
 
 
 class EvaluatorPool:
     def __init__(
-        self, evaluator_settings: dict, workers: int, threads: int, gpu_share: float, hard_timeout: float
-    ):
+        self, evaluator_settings: dict, workers: int, threads: int, gpu_share: float, hard_timeout: float,
+        placement_timeout: float = PLACEMENT_WAIT_S,
+    ):  # fmt: skip
         """``gpu_share``: the fraction of a GPU each actor reserves (0: CPU actors)."""
         options = {"num_cpus": threads, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
         if gpu_share:
@@ -84,8 +91,9 @@ class EvaluatorPool:
         _check_resources(workers, threads, gpu_share)
         self._actor_class = ray.remote(**options)(PoolActor)
         self._settings, self._threads = evaluator_settings, threads
-        self.hard_timeout = hard_timeout
+        self.hard_timeout, self.placement_timeout = hard_timeout, placement_timeout
         self.workers = workers
+        self.unplaced = 0  # actors given up before they were up (for the report)
         self.start_failures = 0
         self.replaced = 0  # actors replaced after a death or a timeout (for the report)
         self._starting: dict = {}  # readiness ref -> worker
@@ -151,6 +159,7 @@ class EvaluatorPool:
                 on_result(index, result, self, dict(worker.where or {}))
 
         while pending or self._busy:
+            self._give_up_unplaced(pending)
             self._dispatch(jobs, pending)
             ready, _ = ray.wait([*self._busy, *self._starting], num_returns=1, timeout=self._wait_time())
             for ref in ready:
@@ -194,12 +203,27 @@ class EvaluatorPool:
             self._busy[ref] = (worker, index, time.monotonic())
 
     def _wait_time(self) -> float | None:
+        """Until the next deadline: a job's, an actor's placement, or (before any job runs) warming."""
+        deadlines = [started + self.hard_timeout for _, _, started in self._busy.values()]
+        deadlines += [worker.created + self.placement_timeout for worker in self._starting.values()]
+        if self._warming and not self._busy:
+            deadlines.append(self._created + WARM_WAIT_S)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _give_up_unplaced(self, pending: deque) -> None:
         now = time.monotonic()
-        if not self._busy:
-            if self._warming:
-                return max(0.0, self._created + WARM_WAIT_S - now)
-            return None  # only actors starting: their readiness (or failure) ends the wait
-        return max(0.0, min(started + self.hard_timeout - now for _, _, started in self._busy.values()))
+        late = [
+            ref for ref, worker in self._starting.items() if now - worker.created >= self.placement_timeout
+        ]
+        for ref in late:
+            with contextlib.suppress(Exception):
+                ray.kill(self._starting.pop(ref).handle, no_restart=True)
+            self.unplaced += 1
+        if pending and not (self._idle or self._busy or self._starting):
+            raise PoolError(
+                f"no evaluator actor is left: {self.unplaced} could not be placed within "
+                f"{self.placement_timeout:.0f} s (the cluster lacks their CPUs/GPUs, or their node is gone)"
+            )
 
     def _expire(self, jobs: list[Job], finish) -> None:
         now = time.monotonic()

@@ -178,6 +178,50 @@ def test_a_job_that_reaches_actors_already_dead_runs_on_a_fresh_one(local_ray, s
     assert (after["reason"], after["fitness"]) == (None, before[0]["fitness"])
 
 
+def test_an_actor_that_cannot_be_placed_is_given_up_and_the_others_take_its_jobs(
+    local_ray, search_model, search_cache
+):
+    """Two 1-CPU actors fill the 2-CPU Ray. One is killed and a placement group takes its CPU, so its
+    replacement can never be placed: the survivor runs every job. When the survivor dies the same way,
+    no actor is left and the pool says so instead of waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    def kill_and_hold_its_cpu(actor: dict):
+        process = psutil.Process(actor["pid"])
+        process.send_signal(signal.SIGKILL)
+        psutil.wait_procs([process], timeout=30)
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready(), timeout=60)  # Ray has noticed the death and lent its CPU to the group
+        return group
+
+    pool = dispatch.EvaluatorPool(evaluator_settings(search_model, search_cache).as_dict(), workers=2,
+                                  threads=1, gpu_share=0.0, hard_timeout=300.0)  # fmt: skip
+    groups = []
+    try:
+        jobs = [dispatch.Job(f, "proxy") for f in ("abs(W) * X", "abs(W)", "sqrt(X) * abs(W)")]
+        before = pool.run(jobs)
+        pool.placement_timeout = 5.0  # once the first actors are up (their start takes longer here)
+        victim, survivor = pool.where()
+        groups.append(kill_and_hold_its_cpu(victim))
+        after = pool.run(jobs)
+        assert [r["fitness"] for r in after] == [r["fitness"] for r in before]
+        assert all(r["reason"] is None for r in after)
+        assert [w["pid"] for w in pool.where()] == [survivor["pid"]]  # the replacement never came up
+        time.sleep(5.0)
+        assert pool.run(jobs[:1])[0]["fitness"] == before[0]["fitness"]
+        assert pool.unplaced == 1  # given up (after 5 s), so it takes no CPU that frees up later
+
+        groups.append(kill_and_hold_its_cpu(survivor))
+        with pytest.raises(dispatch.PoolError, match="2 could not be placed within 5 s"):
+            pool.run(jobs[:1])  # both replacements given up, none left
+        assert pool.unplaced == 2
+    finally:
+        pool.shutdown()
+        for group in groups:
+            remove_placement_group(group)
+
+
 def test_every_result_is_on_disk_before_the_next_one_arrives(local_ray, search_model, search_cache, tmp_path):
     """What makes "a killed driver loses at most the jobs in flight" true."""
     seen = []
