@@ -40,7 +40,7 @@ def driver_vs_reference(args, scorer_name: str) -> dict:
     from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
     from pruning_core.models import load_model
     from pruning_core.scorers import SparsitySpec, get_scorer
-    from pruning_core.sequential import prune_model
+    from pruning_core.sequential import Walk, prune_model
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     windows = calibration_windows(
@@ -49,9 +49,9 @@ def driver_vs_reference(args, scorer_name: str) -> dict:
     scorer, spec = get_scorer(scorer_name), SparsitySpec(0.5, group="row")
     reference_model = copy.deepcopy(model)
     # warm-up on a throw-away copy, so neither timed loop pays the first call's one-time costs
-    prune_model(copy.deepcopy(model), scorer, spec, windows[:2], progress=False)
+    prune_model(copy.deepcopy(model), scorer, spec, windows[:2], walk=Walk(progress=False))
     start = time.perf_counter()
-    prune_model(model, scorer, spec, windows, progress=False)
+    prune_model(model, scorer, spec, windows, walk=Walk(progress=False))
     ours = time.perf_counter() - start
     theirs = reference_prune(reference_model, scorer, spec, windows)
     return {"driver_s": ours, "reference_s": theirs, "ratio": ours / theirs}

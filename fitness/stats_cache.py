@@ -15,7 +15,7 @@ from pruning_core.files import atomic_path, atomic_write_json, file_sha256, key_
 from pruning_core.gradients import gradient_magnitudes
 from pruning_core.linalg import inverse_hessian_diag
 from pruning_core.pruning import Calibration
-from pruning_core.sequential import walk_blocks
+from pruning_core.sequential import Walk, walk_blocks
 
 FORMAT_VERSION = 1
 
@@ -43,7 +43,9 @@ def compute_stats(model, tokenizer, key: Calibration, data_dir=None, cache_root=
                 tensors[f"{full}/hessian"] = stats["hessian"]
             hessian_of[full] = seen[fingerprint]
 
-    walk_blocks(model, windows, ("X", "hessian"), keep, sequential=False, progress=progress, desc="stats")
+    walk_blocks(
+        model, windows, ("X", "hessian"), keep, Walk(sequential=False, progress=progress), desc="stats"
+    )
     return tensors, hessian_of
 
 

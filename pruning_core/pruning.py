@@ -4,16 +4,18 @@ block sparsities, then the sequential driver."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pruning_core.data import calibration_windows
 from pruning_core.scorers.base import SparsitySpec
-from pruning_core.sequential import measured_sparsity, prune_model, walk_blocks
+from pruning_core.sequential import DEFAULT_WALK, Walk, measured_sparsity, prune_model, walk_blocks
 
 
-def owl_block_sparsities(model, windows, target: float, m: float, lam: float, **walk) -> list[float]:
+def owl_block_sparsities(
+    model, windows, target: float, m: float, lam: float, walk: Walk = DEFAULT_WALK
+) -> list[float]:
     """OWL: each block's outlier ratio of |W| * ||X|| on the dense model, mapped around ``target``."""
     from pruning_core.owl import outlier_ratio, owl_sparsities
 
@@ -23,7 +25,7 @@ def owl_block_sparsities(model, windows, target: float, m: float, lam: float, **
         pairs = [(linear.weight.data, visit.stats[name]["X"]) for name, linear in visit.linears.items()]
         ratios.append(outlier_ratio(pairs, m=m))
 
-    walk_blocks(model, windows, ("X",), measure, sequential=False, desc="owl ratios", **walk)
+    walk_blocks(model, windows, ("X",), measure, replace(walk, sequential=False), desc="owl ratios")
     return owl_sparsities(ratios, target, lam)
 
 
@@ -73,20 +75,13 @@ def calibrate_and_prune(
         from pruning_core.gradients import gradient_magnitudes
 
         gradients = gradient_magnitudes(model, windows, c.key(), cache_root, progress)
-    walk = {"batch_size": c.batch_size, "offload": c.offload, "progress": progress}
+    walk = Walk(sequential, c.batch_size, c.offload, progress)
     block_sparsities = None
     if owl is not None and not spec.is_nm:
-        block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl.m, owl.lam, **walk)
+        block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl.m, owl.lam, walk)
     calibrated = time.perf_counter()
     per_linear = prune_model(
-        model,
-        scorer,
-        spec,
-        windows,
-        gradients=gradients,
-        block_sparsities=block_sparsities,
-        sequential=sequential,
-        **walk,
+        model, scorer, spec, windows, gradients=gradients, block_sparsities=block_sparsities, walk=walk
     )
     return {
         "sparsity": measured_sparsity(model),

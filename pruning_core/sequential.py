@@ -2,7 +2,7 @@
 
 For each decoder block in order: forward hooks on its linears accumulate the statistics the scorer
 declares, the linears are pruned, and the block is re-run so that the next block calibrates on the
-outputs of the pruned prefix (SparseGPT/Wanda). ``sequential=False`` keeps the dense outputs instead
+outputs of the pruned prefix (SparseGPT/Wanda). ``Walk(sequential=False)`` keeps the dense outputs instead
 (one-shot statistics of the dense model, as the fitness evaluator uses).
 """
 
@@ -40,6 +40,19 @@ def prune_weight(scorer, weight: torch.Tensor, stats: dict, spec: SparsitySpec) 
     return weight.float() * keep_of(scorer, weight, stats, spec)
 
 
+@dataclass(frozen=True)
+class Walk:
+    """How calibration windows pass through the decoder blocks."""
+
+    sequential: bool = True  # each block calibrates on the outputs of the pruned blocks before it
+    batch_size: int = 8  # windows per forward pass
+    offload: bool = False  # keep the activations between blocks on CPU
+    progress: bool = True
+
+
+DEFAULT_WALK = Walk()
+
+
 @dataclass
 class BlockVisit:
     """What a visitor sees of one block: its index, full name, linears and their statistics."""
@@ -56,11 +69,7 @@ def walk_blocks(
     windows: torch.Tensor,
     stat_names: tuple[str, ...],
     visit,
-    *,
-    sequential: bool = True,
-    batch_size: int = 8,
-    offload: bool = False,
-    progress: bool = True,
+    walk: Walk = DEFAULT_WALK,
     desc: str = "blocks",
 ) -> None:
     """Calibrate block by block and call ``visit(BlockVisit)`` between statistics and propagation."""
@@ -68,21 +77,21 @@ def walk_blocks(
 
     prefix, blocks = find_blocks(model)
     device = next(model.parameters()).device
-    bar = tqdm(blocks, desc=desc, unit="block", disable=not progress, leave=False)
+    bar = tqdm(blocks, desc=desc, unit="block", disable=not walk.progress, leave=False)
     if not set(stat_names) & set(HOOKED_STATS):  # nothing to calibrate: skip the forward passes
         for index, block in enumerate(bar):
             linears = block_linears(block)
             visit(BlockVisit(index, f"{prefix}.{index}", linears, {name: {} for name in linears}))
         return
-    inputs = capture_inputs(model, blocks[0], windows, batch_size, offload)
+    inputs = capture_inputs(model, blocks[0], windows, walk.batch_size, walk.offload)
     for index, block in enumerate(bar):
         linears = block_linears(block)
         collector = BlockStats(linears, stat_names)
         last = index == len(blocks) - 1
-        inputs.run(block, device, keep_outputs=not sequential and not last)
+        inputs.run(block, device, keep_outputs=not walk.sequential and not last)
         stats = collector.finalize()
         visit(BlockVisit(index, f"{prefix}.{index}", linears, stats))
-        if sequential and not last:
+        if walk.sequential and not last:
             inputs.run(block, device, keep_outputs=True)
 
 
@@ -94,10 +103,7 @@ def prune_model(
     *,
     gradients: dict[str, torch.Tensor] | None = None,
     block_sparsities: list[float] | None = None,
-    sequential: bool = True,
-    batch_size: int = 8,
-    offload: bool = False,
-    progress: bool = True,
+    walk: Walk = DEFAULT_WALK,
 ) -> dict:
     """Prune every linear of every decoder block in place; return per-linear sparsity."""
     if "G" in scorer.stats and gradients is None:
@@ -117,17 +123,7 @@ def prune_model(
             linear.weight.data.copy_(new_weight.to(linear.weight.dtype))
             per_linear[full_name] = (linear.weight.data == 0).float().mean().item()
 
-    walk_blocks(
-        model,
-        windows,
-        tuple(scorer.stats),
-        prune_block,
-        sequential=sequential,
-        batch_size=batch_size,
-        offload=offload,
-        progress=progress,
-        desc=f"prune {scorer.name}",
-    )
+    walk_blocks(model, windows, tuple(scorer.stats), prune_block, walk, desc=f"prune {scorer.name}")
     return per_linear
 
 

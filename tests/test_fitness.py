@@ -18,7 +18,7 @@ from pruning_core.data import calibration_windows, load_rows, tokenize_corpus
 from pruning_core.models import load_model
 from pruning_core.perplexity import make_windows, perplexity
 from pruning_core.scorers import SparsitySpec, get_scorer
-from pruning_core.sequential import prune_model
+from pruning_core.sequential import Walk, prune_model
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,9 @@ def test_wanda_fitness_equals_the_core_one_shot_wanda(settings):
 
     model, tokenizer = load_model(settings.model)
     calib = calibration_windows(tokenize_corpus(tokenizer, load_rows("c4")), 4, 32, 0)
-    prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), calib, sequential=False, progress=False)
+    prune_model(
+        model, get_scorer("wanda"), SparsitySpec(0.5), calib, walk=Walk(sequential=False, progress=False)
+    )
     windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
     expected = perplexity(model, windows, progress=False)["ppl"]
     assert got == pytest.approx(expected, rel=1e-6)
@@ -88,7 +90,7 @@ def test_several_settings_give_the_geometric_mean_of_one_shot_perplexities(setti
         expected = {}
         for label, spec in (("0.5", SparsitySpec(0.5)), ("2:4", SparsitySpec(0.5, 2, 4))):
             model.load_state_dict(dense)
-            prune_model(model, get_scorer("wanda"), spec, calib, sequential=False, progress=False)
+            prune_model(model, get_scorer("wanda"), spec, calib, walk=Walk(sequential=False, progress=False))
             expected[label] = perplexity(model, make_windows(corpus, 32, count), progress=False)["ppl"]
         assert result["values"] == pytest.approx(expected, rel=1e-6)
         assert result["fitness"] == pytest.approx(math.sqrt(expected["0.5"] * expected["2:4"]), rel=1e-6)

@@ -11,7 +11,7 @@ from test_zpruner_owl import official_owl
 
 from pruning_core.blocks import block_linears, find_blocks
 from pruning_core.scorers import SparsitySpec, get_scorer
-from pruning_core.sequential import prune_model, walk_blocks
+from pruning_core.sequential import Walk, prune_model, walk_blocks
 
 
 def calib(seed=0, n=6, seqlen=24, vocab=320):
@@ -56,7 +56,9 @@ def test_sequential_driver_matches_a_naive_whole_model_loop(arch):
     model = make_tiny_model(arch)
     windows = calib()
     expected = naive_sequential_wanda(copy.deepcopy(model), windows, 0.5)
-    prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), windows, batch_size=4, progress=False)
+    prune_model(
+        model, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(batch_size=4, progress=False)
+    )
     for (name, got), (_, want) in zip(model.named_parameters(), expected.named_parameters()):
         assert torch.allclose(got, want, atol=1e-6), name
 
@@ -85,7 +87,7 @@ def test_driver_statistics_equal_direct_input_norms_and_hessian():
         if v.index == 0:
             seen.update(v.stats)
 
-    walk_blocks(model, windows, ("X", "hessian"), visit, batch_size=2, progress=False)
+    walk_blocks(model, windows, ("X", "hessian"), visit, Walk(batch_size=2, progress=False))
     assert set(seen) == set(linears)
     for name in linears:
         x = torch.cat(inputs[name]).double()
@@ -128,7 +130,7 @@ def test_tiny_mamba_prunes_and_evaluates_with_the_generic_driver():
     model = tf.MambaForCausalLM(config).eval()
     windows = calib(n=4, seqlen=32)
     dense_ppl = perplexity(model, windows, progress=False)["ppl"]
-    prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), windows, progress=False)
+    prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(progress=False))
     _, blocks = find_blocks(model)
     names = set(block_linears(blocks[0]))
     assert {"mixer.in_proj", "mixer.x_proj", "mixer.out_proj"} <= names
@@ -172,14 +174,19 @@ def test_owl_block_sparsities_average_to_the_target_and_are_applied():
 
     model = make_tiny_model("llama")
     windows = calib()
-    sparsities = owl_block_sparsities(model, windows, 0.7, 5.0, 0.08, batch_size=4, progress=False)
+    sparsities = owl_block_sparsities(model, windows, 0.7, 5.0, 0.08, Walk(batch_size=4, progress=False))
     ratios = [pooled_outlier_ratio(pairs, 5.0) for pairs in dense_block_pairs(model, windows)]
     assert ratios[0] != ratios[1]
     assert sparsities == pytest.approx(official_owl(ratios, 0.7, 0.08), abs=1e-6)
     assert abs(sum(sparsities) / len(sparsities) - 0.7) < 1e-9
     _, blocks = find_blocks(model)
     prune_model(
-        model, get_scorer("wanda"), SparsitySpec(0.7), windows, block_sparsities=sparsities, progress=False
+        model,
+        get_scorer("wanda"),
+        SparsitySpec(0.7),
+        windows,
+        block_sparsities=sparsities,
+        walk=Walk(progress=False),
     )
     for block, target in zip(blocks, sparsities):
         for linear in block_linears(block).values():
@@ -195,7 +202,7 @@ def test_owl_m_changes_the_block_sparsities():
     pairs = dense_block_pairs(model, windows)
     by_m = {}
     for m in (1.0, 2.0, 5.0):
-        by_m[m] = owl_block_sparsities(model, windows, 0.7, m, 0.08, batch_size=4, progress=False)
+        by_m[m] = owl_block_sparsities(model, windows, 0.7, m, 0.08, Walk(batch_size=4, progress=False))
         ratios = [pooled_outlier_ratio(block, m) for block in pairs]
         assert by_m[m] == pytest.approx(official_owl(ratios, 0.7, 0.08), abs=1e-6), m
     assert by_m[1.0] != pytest.approx(by_m[2.0], abs=1e-3)
