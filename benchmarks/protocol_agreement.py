@@ -40,8 +40,9 @@ def parse_protocol(text: str) -> tuple[bool, int | None]:
 def main() -> None:
     from scipy.stats import spearmanr
 
+    from metric_search.final import paired_log_ratios
     from primitives.scorer import FormulaScorer
-    from pruning_core.data import load_rows, tokenize_corpus
+    from pruning_core.data import corpus_tokens
     from pruning_core.masks import setting_spec
     from pruning_core.models import cache_dir, load_model
     from pruning_core.perplexity import make_windows, window_nlls
@@ -63,9 +64,9 @@ def main() -> None:
     spec = setting_spec(args.setting)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     windows = make_windows(
-        tokenize_corpus(tokenizer, load_rows("wikitext2-valid", args.data_dir)), args.seqlen, args.windows
+        corpus_tokens(tokenizer, "wikitext2-valid", args.data_dir), args.seqlen, args.windows
     )
-    calib_tokens = tokenize_corpus(tokenizer, load_rows("c4", args.data_dir))
+    calib_tokens = corpus_tokens(tokenizer, "c4", args.data_dir)
     scorers = {"wanda": get_scorer("wanda")}
     scorers.update({text: FormulaScorer(text, group=spec.group) for text in args.formulas.split(";")})
     tokens = windows.shape[1] - 1
@@ -86,7 +87,7 @@ def main() -> None:
             del model
         rows = {}
         for name, nll in nlls.items():
-            difference = (nll - nlls["wanda"]) / tokens
+            difference = paired_log_ratios({"s": nll}, {"s": nlls["wanda"]}, tokens)
             rows[name] = {
                 "ppl": math.exp(nll.sum() / (tokens * len(nll))),
                 "ratio": math.exp(difference.mean()),

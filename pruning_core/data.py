@@ -48,6 +48,11 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+def local_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where corpus ``name`` is read from when it is on disk (``data_dir``, else the default data dir)."""
+    return (Path(data_dir) if data_dir else default_data_dir()) / CORPORA[name].local_file
+
+
 def load_rows(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
     """Rows of a corpus: WikiText-2 exactly as the HF ``wikitext-2-raw-v1`` loader gives them, C4 texts."""
     if name not in CORPORA:
@@ -56,8 +61,7 @@ def load_rows(name: str, data_dir: str | os.PathLike | None = None) -> list[str]
 
     datasets.disable_progress_bars()
     corpus = CORPORA[name]
-    path = Path(data_dir) if data_dir else default_data_dir()
-    local = path / corpus.local_file
+    local = local_file(name, data_dir)
     if local.is_file():
         # keep_linebreaks: the HF wikitext rows end with "\n"; blank lines become "".
         kwargs = {"keep_linebreaks": True} if corpus.builder == "text" else {}
@@ -93,7 +97,7 @@ def _corpus_key(tokenizer, name: str, data_dir) -> dict | None:
     """What the token ids depend on: the tokenizer's whole definition and the local file's identity
     (None, nothing remembered: a slow tokenizer, or a hub copy that is not pinned to a file)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    local = (Path(data_dir) if data_dir else default_data_dir()) / CORPORA[name].local_file
+    local = local_file(name, data_dir)
     if backend is None or not local.is_file():
         return None
     stat = local.stat()
@@ -139,12 +143,16 @@ def _stored_tokens(path: Path) -> torch.Tensor | None:
 
 
 def _store_tokens(path: Path, ids: torch.Tensor) -> None:
+    """Best effort: the copy only saves time, so a read-only or full cache folder is no error."""
     from safetensors.torch import save_file
 
     from pruning_core.files import atomic_path
 
-    with atomic_path(path) as tmp:
-        save_file({"ids": ids.contiguous()}, str(tmp))
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"ids": ids.contiguous()}, str(tmp))
+    except OSError:
+        pass
 
 
 def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -121,3 +121,16 @@ def test_corpus_tokens_on_disk_are_reused_by_a_new_process_and_a_damaged_file_is
     monkeypatch.setattr(data, "tokenize_corpus", tokenize_corpus)
     assert torch.equal(corpus_tokens(tokenizer, "wikitext2-valid", data_dir, tmp_path), expected)
     assert torch.equal(data._stored_tokens(stored), expected)  # rewritten
+
+
+def test_a_cache_root_that_cannot_be_written_still_gives_the_tokens(
+    tokenizer_dir, data_dir, tmp_path, monkeypatch
+):
+    from pruning_core import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # tokens/ cannot be created below it
+    monkeypatch.setattr(data, "_CORPUS_TOKENS", {})
+    ids = corpus_tokens(tokenizer, "wikitext2-valid", data_dir, blocked)
+    assert torch.equal(ids, tokenize_corpus(tokenizer, load_rows("wikitext2-valid", data_dir)))
