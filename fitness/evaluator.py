@@ -2,9 +2,9 @@
 bit-identical. A bad candidate gets fitness +inf and a reason code, never an exception.
 
 Fidelities form a ladder, cheapest first: ``proxy`` (layer reconstruction error from the cached
-Hessians; the model is never masked), ``ppl`` (perplexity on the first ``windows`` fitness windows)
-and ``top`` (perplexity on the first ``top_windows``, a superset). With several sparsity settings the
-fitness is the geometric mean over them, so ranking by it is ranking by the mean of log(value / a
+Hessians; the model is never masked), ``ppl`` (perplexity on ``windows`` fitness windows) and
+``top`` (perplexity on ``top_windows``, a superset; see fitness.windows for which windows). With
+several sparsity settings the fitness is the geometric mean over them, so ranking by it is ranking by the mean of log(value / a
 baseline's value) over the settings, whatever the baseline.
 
 With ``update="obs"`` a candidate is its mask followed by SparseGPT's OBS update for that mask; with
@@ -23,6 +23,7 @@ import torch
 
 from fitness.stacks import LinearStack, gather_rows, stack_linears
 from fitness.stats_cache import StatsCache
+from fitness.windows import search_windows
 from pruning_core.blocks import prunable_linears
 from pruning_core.data import corpus_tokens
 from pruning_core.masks import keep_mask
@@ -65,6 +66,7 @@ class FitnessConfig:
     top_rung: str = "one-shot"
     calibration: Calibration | None = None  # the statistics' calibration (needed by a sequential rung)
     batch_size: int = 1  # fitness windows per forward pass (a GPU runs a small model's batch at once)
+    window_order: str = "spread"  # which corpus windows the rungs read (see fitness.windows)
 
 
 class CandidateFailed(Exception):
@@ -105,7 +107,9 @@ class Evaluator:
             raise ValueError("a sequential top rung needs the calibration")
         self.linears = prunable_linears(model)
         tokens = corpus_tokens(tokenizer, config.data, data_dir, cache_root)
-        self.windows = make_windows(tokens, config.seqlen, max(config.windows, config.top_windows))
+        corpus = make_windows(tokens, config.seqlen)
+        count = max(config.windows, config.top_windows)
+        self.windows = corpus[search_windows(corpus.shape[0], count, config.window_order)]
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(linear.weight.shape[0], generator=generator)[:PROXY_ROWS].to(

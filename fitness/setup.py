@@ -32,6 +32,7 @@ class EvaluatorSettings:
     update: str = "none"  # weight update with each candidate's mask: none, obs or adaptive
     top_rung: str = "one-shot"  # or "sequential": the top rung prunes with the core's sequential driver
     batch_size: int = 1  # fitness windows per forward pass
+    window_order: str = "spread"  # which fitness-corpus windows the rungs read: spread or first
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -69,5 +70,6 @@ def build_evaluator(settings: EvaluatorSettings, progress: bool = False) -> Eval
         settings.top_rung,
         key,
         settings.batch_size,
+        settings.window_order,
     )
     return Evaluator(model, tokenizer, stats, config, settings.data_dir, cache_dir(settings.cache_dir))

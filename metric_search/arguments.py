@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fitness.evaluator import TOP_RUNGS
+from fitness.windows import WINDOW_ORDERS
 from metric_search.config import (
     DEFAULT_SETTINGS,
     PROFILES,
@@ -120,6 +121,12 @@ def search_parser() -> OneLineParser:
     )
     f.add_argument(
         "--fitness-seqlen", type=int, help=f"tokens per fitness window ({_both('fitness_seqlen')})"
+    )
+    f.add_argument(
+        "--window-order",
+        choices=WINDOW_ORDERS,
+        help="which fitness windows the rungs read: spread (evenly over the whole corpus, so a few "
+        f"articles cannot decide) or first (the first ones, as earlier runs) ({EVALUATOR_DEFAULTS.window_order})",
     )
     f.add_argument(
         "--fitness-batch", type=int, help=f"fitness windows per forward pass ({_both('fitness_batch')})"
@@ -251,6 +258,7 @@ def settings_from_args(args) -> SearchSettings:
         timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", EVALUATOR_DEFAULTS.update),
         top_rung=pick("top_rung", profile["top_rung"]),
         batch_size=pick("fitness_batch", profile["fitness_batch"]),
+        window_order=pick("window_order", EVALUATOR_DEFAULTS.window_order),
     )  # fmt: skip
     min_depth, max_depth = _init_depth(args.init_depth)
     defaults = SEARCH_DEFAULTS

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from fitness.evaluator import TOP_RUNGS
 from fitness.setup import EvaluatorSettings
+from fitness.windows import WINDOW_ORDERS
 from pruning_core.errors import UsageError
 from pruning_core.masks import parse_settings
 from pruning_core.spec import check_group
@@ -175,6 +176,7 @@ def check_search(settings: SearchSettings) -> None:
     )
     check_group(e.group, "--group")
     _check(e.top_rung in TOP_RUNGS, f"--top-rung {e.top_rung!r}: use one-shot or sequential")
+    _check(e.window_order in WINDOW_ORDERS, f"--window-order {e.window_order!r}: use spread or first")
     _check(
         e.update in SEARCH_UPDATES,
         f"--update {e.update!r} is not available to the search; use none, obs or adaptive (refit is too slow "
@@ -202,6 +204,8 @@ def settings_from_dict(data: dict, origin: str) -> SearchSettings:
             evaluator = {
                 ("calib_seed" if k == "seed" else k): v for k, v in evaluator.items()
             }  # config.json of earlier runs
+        if isinstance(evaluator, dict) and "window_order" not in evaluator:
+            evaluator = {**evaluator, "window_order": "first"}  # earlier runs read the first windows
         if not isinstance(evaluator, dict) or set(evaluator) - evaluator_fields:
             raise ValueError("evaluator")
         search_fields = {f.name for f in fields(SearchSettings)} - {"evaluator"}

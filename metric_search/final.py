@@ -2,8 +2,8 @@
 
 Each formula and Wanda prune a fresh model with the pruning core's sequential driver at every setting
 of the run (each mask followed by the run's weight update, if any, Wanda's too), and are measured on
-windows of the fitness corpus that the search never read (those after its top-rung windows). The comparison is paired over windows: per window, the mean over settings of
-the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
+windows of the fitness corpus that the search never read (see fitness.windows). The comparison is
+paired over windows: per window, the mean over settings of the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
 and a bootstrap over windows gives its noise. "Better than Wanda" means the whole interval is below 1.
 The chosen formula has the lowest ratio, Wanda included.
 """
@@ -16,7 +16,6 @@ import numpy as np
 
 from metric_search.config import SearchSettings
 from primitives import KNOWN_FORMULAS, canonical_key
-from pruning_core.errors import UsageError
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -71,6 +70,7 @@ class _Measurer:
     """Prunes fresh copies of the run's model and returns per-window NLLs on the held-out windows."""
 
     def __init__(self, settings: SearchSettings, progress: bool):
+        from fitness.windows import held_out_windows, search_windows
         from pruning_core.data import corpus_tokens
         from pruning_core.models import cache_dir, load_model
         from pruning_core.perplexity import make_windows
@@ -81,13 +81,9 @@ class _Measurer:
         corpus = make_windows(
             corpus_tokens(tokenizer, e.fitness_data, e.data_dir, cache_dir(e.cache_dir)), e.fitness_seqlen
         )
-        self.first = max(e.fitness_windows, e.top_windows)
-        self.windows = corpus[self.first : self.first + settings.final_windows]
-        if self.windows.shape[0] == 0:
-            raise UsageError(
-                f"{e.fitness_data} has {corpus.shape[0]} windows of {e.fitness_seqlen} tokens, none after the "
-                f"{self.first} the search read; lower --top-windows or --fitness-seqlen, or pass --final-top 0"
-            )
+        searched = search_windows(corpus.shape[0], max(e.fitness_windows, e.top_windows), e.window_order)
+        self.indices = held_out_windows(corpus.shape[0], searched, settings.final_windows, e.window_order)
+        self.windows = corpus[self.indices]
         self.calib_tokens = corpus_tokens(tokenizer, e.calib, e.data_dir, cache_dir(e.cache_dir))
 
     def nll(self, scorer) -> dict[str, np.ndarray]:
@@ -142,7 +138,7 @@ def final_check(
     return {
         "settings": list(e.patterns),
         "data": e.fitness_data,
-        "first_window": measurer.first,
+        "window_indices": measurer.indices,
         "windows": int(measurer.windows.shape[0]),
         "seqlen": e.fitness_seqlen,
         "calib": e.calib,

@@ -122,6 +122,15 @@ def _ratio(value, reference) -> str:
     return "-" if value is None or not reference else f"{value / reference:.3f}"
 
 
+def _held_out_text(final: dict) -> str:
+    if "window_indices" not in final:  # final checks of earlier runs read the windows after the search's
+        return f"windows {final['first_window']}-{final['first_window'] + final['windows'] - 1}"
+    return "windows " + ", ".join(str(i) for i in final["window_indices"])
+
+
+_WINDOW_TEXT = {"spread": "spread over the corpus", "first": "the first ones"}
+
+
 def _describe(config: dict) -> str:
     settings, e = config["settings"], config["settings"]["evaluator"]
     top = f"{e['top_windows']} windows" + (
@@ -138,7 +147,7 @@ def _describe(config: dict) -> str:
     return (
         f"Model `{e['model']}`, settings {', '.join(e['patterns'])} (group `{e['group']}`), seed "
         f"{settings['seed']}, population {settings['population']}. Fitness: the geometric mean over the settings "
-        f"of the perplexity on {e['fitness_seqlen']}-token windows of `{e['fitness_data']}` after one-shot pruning "
+        f"of the perplexity on {e['fitness_seqlen']}-token windows of `{e['fitness_data']}` ({_WINDOW_TEXT[e.get('window_order', 'first')]}) after one-shot pruning "
         f"{_update_text(e.get('update', 'none'))}with statistics from {e['nsamples']} x {e['calib_seqlen']} tokens of `{e['calib']}`; {ladder}. "
         "Formulas compare at the highest rung both reached; the hall of fame ranks the top rung first."
     )
@@ -175,8 +184,7 @@ def _final_section(final: dict | None) -> list[str]:
         "",
         f"The hall of fame's best {len(final['rows'])} pruned by the sequential driver (the protocol a user prunes "
         f"with), {final['nsamples']} x {final['seqlen']} calibration tokens of `{final['calib']}`, perplexity on "
-        f"{final['windows']} windows of `{final['data']}` that the fitness never read (windows "
-        f"{final['first_window']}-{final['first_window'] + final['windows'] - 1}); "
+        f"{final['windows']} windows of `{final['data']}` that the fitness never read ({_held_out_text(final)}); "
         f"{_update_text(final.get('update', 'none'))}Wanda: "
         + ", ".join(f"{label} {final['wanda'][label]:.5g}" for label in final["settings"])
         + ". Ratio: exp of the mean over settings of log(ppl / Wanda's ppl); the interval is a paired bootstrap "

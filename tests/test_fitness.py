@@ -40,6 +40,15 @@ def settings(tiny_model_dir, stats_cache_dir):
     )
 
 
+def spread_windows(tokenizer, read: int, order: list[int]) -> torch.Tensor:
+    """The fitness windows a rung reads, by the rule written out: of all 32-token windows of WikiText-2
+    valid, the middles of ``read`` equal slices; ``order`` picks which of those (by position) and how many."""
+    corpus = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
+    total = corpus.shape[0]
+    middles = [(2 * j + 1) * total // (2 * read) for j in range(read)]
+    return corpus[[middles[i] for i in order]]
+
+
 class FixedScorer:
     """A candidate whose scores come from a function of W, to inject faults."""
 
@@ -62,8 +71,11 @@ def test_evaluate_restores_weights_bit_identical(settings):
         assert torch.equal(value, before[key]), key
 
 
-def test_wanda_fitness_equals_the_core_one_shot_wanda(settings):
-    evaluator = build_evaluator(settings)
+@pytest.mark.parametrize("order", ["spread", "first"])
+def test_wanda_fitness_equals_the_core_one_shot_wanda(settings, order):
+    """On the base rung's windows: 3 of the top rung's 16 spread ones (halves, then a quarter), or the
+    first 3 windows (``first``, as runs before the setting)."""
+    evaluator = build_evaluator(replace(settings, window_order=order))
     got = evaluator.evaluate(get_scorer("wanda"))["fitness"]
 
     model, tokenizer = load_model(settings.model)
@@ -71,7 +83,10 @@ def test_wanda_fitness_equals_the_core_one_shot_wanda(settings):
     prune_model(
         model, get_scorer("wanda"), SparsitySpec(0.5), calib, walk=Walk(sequential=False, progress=False)
     )
-    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
+    if order == "spread":
+        windows = spread_windows(tokenizer, 16, [0, 8, 4])
+    else:
+        windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
     expected = perplexity(model, windows, progress=False)["ppl"]
     assert got == pytest.approx(expected, rel=1e-6)
 
@@ -83,15 +98,14 @@ def test_several_settings_give_the_geometric_mean_of_one_shot_perplexities(setti
     evaluator = build_evaluator(settings)
     model, tokenizer = load_model(settings.model)
     calib = calibration_windows(tokenize_corpus(tokenizer, load_rows("c4")), 4, 32, 0)
-    corpus = tokenize_corpus(tokenizer, load_rows("wikitext2-valid"))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    for fidelity, count in (("ppl", 2), ("top", 3)):
+    for fidelity, order in (("ppl", [0, 2]), ("top", [0, 1, 2])):  # the base rung: first and last third
         result = evaluator.evaluate(get_scorer("wanda"), fidelity)
         expected = {}
         for label, spec in (("0.5", SparsitySpec(0.5)), ("2:4", SparsitySpec(0.5, 2, 4))):
             model.load_state_dict(dense)
             prune_model(model, get_scorer("wanda"), spec, calib, walk=Walk(sequential=False, progress=False))
-            expected[label] = perplexity(model, make_windows(corpus, 32, count), progress=False)["ppl"]
+            expected[label] = perplexity(model, spread_windows(tokenizer, 3, order), progress=False)["ppl"]
         assert result["values"] == pytest.approx(expected, rel=1e-6)
         assert result["fitness"] == pytest.approx(math.sqrt(expected["0.5"] * expected["2:4"]), rel=1e-6)
 
@@ -127,7 +141,7 @@ def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, upda
 
     _, tokenizer = load_model(settings.model)
     calib_tokens = tokenize_corpus(tokenizer, load_rows("c4"))
-    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, 3)
+    windows = spread_windows(tokenizer, 3, [0, 2, 1])
     expected, one_shot_top, one_shot_base = {}, {}, {}
     for label, spec in (("0.5", SparsitySpec(0.5)), ("2:4", SparsitySpec(0.5, 2, 4))):
         for sequential in (True, False):

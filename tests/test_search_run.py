@@ -32,13 +32,21 @@ RUN_FILES = ["config.json", "checkpoint.json", "generations.jsonl", "candidates.
 CALIBRATION = Calibration("c4", nsamples=4, seqlen=32, seed=0)  # the search fixtures' calibration
 
 
-def one_shot_ppl(model_path, cache, formula: str, windows: int = 2) -> float:
-    """The pruning core's one-shot pruning with the formula, then perplexity: no fitness code involved."""
+def spread_middles(total: int, count: int) -> list[int]:
+    """The rule for the windows a search reads, written out: the middles of ``count`` equal slices."""
+    return [(2 * j + 1) * total // (2 * count) for j in range(count)]
+
+
+def one_shot_ppl(model_path, cache, formula: str, rung: str = "ppl") -> float:
+    """The pruning core's one-shot pruning with the formula, then perplexity on the windows a rung reads
+    (the top rung's 16 spread windows, or the base rung's first and middle one of them): no fitness code."""
     model, tokenizer = load_model(str(model_path))
     calibrate_and_prune(model, FormulaScorer(formula), SparsitySpec(0.5),
                         tokenize_corpus(tokenizer, load_rows("c4")), CALIBRATION, cache_root=Path(cache), sequential=False, progress=False)  # fmt: skip
-    windows = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32, windows)
-    return perplexity(model, windows, progress=False)["ppl"]
+    corpus = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
+    middles = spread_middles(corpus.shape[0], 16)
+    read = middles if rung == "top" else [middles[0], middles[8]]
+    return perplexity(model, corpus[read], progress=False)["ppl"]
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +82,14 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
     assert entries[0]["top"] == min(tops)
     best = entries[0]["formula"]
     assert entries[0]["ppl"] == pytest.approx(one_shot_ppl(search_model, search_cache, best), rel=1e-6)
-    top_windows = load_run(run_dir).settings.evaluator.top_windows
-    assert entries[0]["top"] == pytest.approx(
-        one_shot_ppl(search_model, search_cache, best, top_windows), rel=1e-6
-    )
+    searched = load_run(run_dir).settings.evaluator
+    assert (searched.fitness_windows, searched.top_windows) == (2, 16)  # what one_shot_ppl reads
+    assert entries[0]["top"] == pytest.approx(one_shot_ppl(search_model, search_cache, best, "top"), rel=1e-6)
     assert hall["baselines"]["wanda"]["ppl"] == pytest.approx(
         one_shot_ppl(search_model, search_cache, "abs(W) * X"), rel=1e-6
     )
 
-    # the final check: Wanda through the sequential driver on the windows after the top rung's
+    # the final check: Wanda through the sequential driver on windows spread over those the search did not read
     run = load_run(run_dir)
     final, e = run.state.final, run.settings.evaluator
     assert [r["formula"] for r in final["rows"]] == run.state.hall_of_fame[: run.settings.final_top]
@@ -90,8 +97,10 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
     calibrate_and_prune(model, get_scorer("wanda"), SparsitySpec(0.5), tokenize_corpus(tokenizer, load_rows("c4")),
                         CALIBRATION, cache_root=Path(search_cache),
                         progress=False)  # fmt: skip
-    held_out = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
-    held_out = held_out[e.top_windows : e.top_windows + run.settings.final_windows]
+    corpus = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
+    searched = set(spread_middles(corpus.shape[0], e.top_windows))
+    rest = [i for i in range(corpus.shape[0]) if i not in searched]
+    held_out = corpus[[rest[i] for i in spread_middles(len(rest), run.settings.final_windows)]]
     assert final["wanda"]["0.5"] == pytest.approx(
         perplexity(model, held_out, progress=False)["ppl"], rel=1e-6
     )
@@ -101,6 +110,8 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
 
     report = (run_dir / rundir.REPORT).read_text()
     assert f"`{best}`" in report and "## Final check" in report and final["chosen"]["verdict"] in report
+    assert final["window_indices"] == [rest[i] for i in spread_middles(len(rest), run.settings.final_windows)]
+    assert "windows " + ", ".join(str(i) for i in final["window_indices"]) in report
     for name in ("wanda", "magnitude", "pruner-zero"):
         assert f"| {name} |" in report
     import matplotlib.image

@@ -186,6 +186,23 @@ def test_a_config_from_before_the_calib_seed_rename_keeps_its_calibration_seed()
     assert settings_from_dict(data, "config.json") == s
 
 
+def test_a_config_from_before_the_window_order_setting_resumes_on_the_first_windows():
+    s = settings(evaluator=EvaluatorSettings(model="m", window_order="first"))
+    data = json.loads(json.dumps(s.as_dict()))
+    del data["evaluator"]["window_order"]  # earlier runs read the first windows and did not say so
+    assert settings_from_dict(data, "config.json") == s
+    assert EvaluatorSettings().window_order == "spread"  # while new runs spread them
+
+
+def test_the_report_names_the_held_out_windows_of_new_and_earlier_final_checks():
+    from metric_search.report import _held_out_text
+
+    assert _held_out_text({"window_indices": [14, 45, 74], "windows": 3}) == "windows 14, 45, 74"
+    assert (
+        _held_out_text({"first_window": 8, "windows": 16}) == "windows 8-23"
+    )  # written before spread windows
+
+
 # --- ranking -----------------------------------------------------------------------------------
 
 
@@ -421,6 +438,8 @@ def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
         60.0,
     )
     assert replace(extended, generations=4, evaluator=saved.evaluator) == saved
+    with pytest.raises(UsageError, match="--window-order first differs from the run's spread"):
+        resume("--window-order", "first")  # other windows, other numbers
 
 
 def test_every_default_in_search_help_is_the_one_the_search_uses():
@@ -447,6 +466,7 @@ def test_every_default_in_search_help_is_the_one_the_search_uses():
             "--promote": s.promote, "--tune": s.tune, "--final-top": s.final_top,
             "--final-windows": s.final_windows, "--threads": x.threads, "--candidate-timeout": x.candidate_timeout,
             "--actors-per-gpu": x.actors_per_gpu, "--top-rung": e.top_rung, "--fitness-batch": e.batch_size,
+            "--window-order": e.window_order,
         }  # fmt: skip
         for flag, value in resolved.items():
             text = helps[flag]
