@@ -5,7 +5,7 @@ of the run (each mask followed by the run's weight update, if any, Wanda's too),
 windows of the fitness corpus that the search never read (see fitness.windows). The comparison is
 paired over windows: per window, the mean over settings of the per-token log-likelihood difference; its mean is log of the ratio to Wanda (the fitness' measure),
 and a bootstrap over windows gives its noise. "Better than Wanda" means the whole interval is below 1.
-The chosen formula has the lowest ratio, Wanda included.
+The chosen formula is the one of lowest ratio among those better than Wanda, else Wanda.
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def verdict(low: float, high: float, same_as_reference: bool) -> str:
 
 
 def choose(rows: list[dict], reference_key: str) -> dict:
-    """The lowest ratio to Wanda, Wanda itself included (ratio 1): a search whose best formulas all lose
-    to Wanda on the held-out windows chooses Wanda, never the least bad of them."""
+    """The lowest ratio among the formulas better than Wanda outside the noise, else Wanda itself: a
+    formula within the noise is a coin flip (seed 1's 0.998 [0.945, 1.053] at 2:4 lost by 8% on
+    WikiText-2 test), and one that loses is never chosen as the least bad."""
     reference = {"formula": reference_key, "ratio": 1.0, "ci": [1.0, 1.0], "verdict": verdict(1.0, 1.0, True)}
-    return min([*rows, reference], key=lambda r: (r["ratio"], r["formula"] != reference_key, r["formula"]))
+    better = [r for r in rows if r["formula"] != reference_key and r["ci"][1] < 1.0]
+    return min(better, key=lambda r: (r["ratio"], r["formula"]), default=reference)
 
 
 class _Measurer:

@@ -319,13 +319,15 @@ def test_verdicts_say_better_only_outside_the_noise():
     assert verdict(1.0, 1.0, True) == "is Wanda"
 
 
-def test_the_choice_falls_back_to_wanda_when_every_formula_loses():
-    rows = [{"formula": "a", "ratio": 1.05}, {"formula": "b", "ratio": 1.02}]
-    assert choose(rows, "X * abs(W)")["formula"] == "X * abs(W)"
-    rows.append({"formula": "c", "ratio": 0.99})
-    assert choose(rows, "X * abs(W)")["formula"] == "c"
-    tie = [{"formula": "X * abs(W)", "ratio": 1.0}, {"formula": "a", "ratio": 1.0}]
-    assert choose(tie, "X * abs(W)")["formula"] == "X * abs(W)"  # a tie goes to the hand-made metric
+def test_the_choice_is_wanda_unless_a_formula_beats_it_outside_the_noise():
+    row = lambda formula, ratio, low, high: {"formula": formula, "ratio": ratio, "ci": [low, high]}  # noqa: E731
+    rows = [row("a", 1.05, 1.01, 1.09), row("b", 1.02, 0.99, 1.05)]
+    assert choose(rows, "X * abs(W)")["formula"] == "X * abs(W)"  # every formula loses
+    rows.append(row("c", 0.97, 0.93, 1.01))
+    assert choose(rows, "X * abs(W)")["formula"] == "X * abs(W)"  # c's win is within the noise
+    rows += [row("d", 0.98, 0.96, 0.995), row("e", 0.96, 0.92, 0.999)]
+    assert choose(rows, "X * abs(W)")["formula"] == "e"  # the lowest ratio of those outside the noise
+    assert choose([row("X * abs(W)", 1.0, 1.0, 1.0)], "X * abs(W)")["verdict"] == "is Wanda"
 
 
 def test_random_module_is_untouched_by_the_engine():

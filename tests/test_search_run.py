@@ -106,7 +106,8 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
     )
     for row in final["rows"]:
         assert row["ci"][0] <= row["ratio"] <= row["ci"][1]
-    assert final["chosen"]["ratio"] == min([1.0, *(r["ratio"] for r in final["rows"])])  # Wanda is 1
+    better = [r["ratio"] for r in final["rows"] if r["ci"][1] < 1.0]  # outside the noise
+    assert final["chosen"]["ratio"] == min(better or [1.0])  # else Wanda, ratio 1
 
     report = (run_dir / rundir.REPORT).read_text()
     assert f"`{best}`" in report and "## Final check" in report and final["chosen"]["verdict"] in report
