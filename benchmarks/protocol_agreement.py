@@ -1,13 +1,15 @@
 """Do cheap pruning protocols rank formulas as the sequential driver does, and how noisy is a window?
 
 Each formula and Wanda prune fresh copies of the model at one setting under several protocols —
-`one-shot` (every linear from the dense model's statistics, as the search's lower rungs) and
-`sequential:N` (the core's sequential driver on N calibration windows, as a user prunes) — and are
-measured on the same fitness windows. Per protocol and formula: the ratio to Wanda (exp of the mean
-per-window log-likelihood difference) on all windows, on the first ``--split`` windows (as a rung with
-that many windows sees them) and on the rest, and the per-window standard deviation of the difference
-(the noise of a rung with k windows is about sd / sqrt(k)). Spearman correlations compare each
-protocol's ranking with the reference protocol's (the last one).
+`one-shot` (every linear from the dense model's statistics, as the search's lower rungs),
+`sequential:N` (the core's sequential driver on N calibration windows, as a user prunes) and `anchored`
+(every linear one-shot from the statistics the sequential driver records while Wanda prunes, i.e. from
+a pruned prefix computed once) — and are measured on the same fitness windows. Per protocol and
+formula: the ratio to Wanda (exp of the mean per-window log-likelihood difference) on all windows, on
+the first ``--split`` windows (as a rung with that many windows sees them) and on the rest, and the
+per-window standard deviation of the difference (the noise of a rung with k windows is about
+sd / sqrt(k)). Spearman correlations compare each protocol's ranking with the reference protocol's
+(the last one).
 """
 
 from __future__ import annotations
@@ -27,14 +29,92 @@ DEFAULT_FORMULAS = (
 )
 
 
-def parse_protocol(text: str) -> tuple[bool, int | None]:
-    """'one-shot' -> (False, None); 'sequential:16' -> (True, 16)."""
+def parse_protocol(text: str) -> tuple[str, int | None]:
+    """'one-shot' -> ('one-shot', None); 'sequential:16' -> ('sequential', 16); 'anchored' likewise."""
     name, _, samples = text.partition(":")
-    if name == "one-shot" and not samples:
-        return False, None
-    if name == "sequential" and samples.isdigit() and int(samples) > 0:
-        return True, int(samples)
-    raise SystemExit(f"protocol {text!r}: use one-shot or sequential:N (N calibration windows)")
+    if name in ("one-shot", "anchored") and not samples:
+        return name, None
+    if name in ("sequential", "one-pass") and samples.isdigit() and int(samples) > 0:
+        return name, int(samples)
+    raise SystemExit(
+        f"protocol {text!r}: use one-shot, anchored, sequential:N or one-pass:N (N calibration windows)"
+    )
+
+
+def anchored_stats(model, spec, windows) -> dict[str, dict]:
+    """Per linear: the statistics the sequential driver records while Wanda prunes ``model`` in place
+    (each block's inputs come from the Wanda-pruned blocks before it)."""
+    from pruning_core.linalg import inverse_hessian_diag
+    from pruning_core.scorers import get_scorer
+    from pruning_core.sequential import Walk, prune_weight, walk_blocks
+
+    wanda, recorded = get_scorer("wanda"), {}
+
+    def record_and_prune(visit) -> None:
+        for name, linear in visit.linears.items():
+            stats = visit.stats[name]
+            recorded[f"{visit.name}.{name}"] = {
+                "X": stats["X"], "H": inverse_hessian_diag(stats["hessian"]), "hessian": stats["hessian"]
+            }  # fmt: skip
+            linear.weight.data.copy_(prune_weight(wanda, linear.weight.data, stats, spec))
+
+    walk_blocks(model, windows, ("X", "hessian"), record_and_prune, Walk(progress=False))
+    return recorded
+
+
+@torch.no_grad()
+def prune_one_pass(model, scorer, spec, windows, gradients: dict | None) -> None:
+    """Each block runs once over all calibration windows; a pre-hook prunes each linear from the
+    statistics of the input it receives then (from the linears pruned before it in the block: GPTQ's
+    true-sequential order), so the block's outputs are the pruned ones without a second pass."""
+    from pruning_core.blocks import block_linears, capture_inputs, find_blocks
+    from pruning_core.linalg import inverse_hessian_diag
+    from pruning_core.sequential import prune_weight
+
+    prefix, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    inputs = capture_inputs(model, blocks[0], windows, windows.shape[0], False)
+    needs_hessian = bool({"H", "hessian"} & set(scorer.stats))
+
+    def prune_on_input(module, args, full: str, seen: list) -> None:
+        x = args[0]
+        stats = next((stats for tensor, stats in seen if tensor is x), None)
+        if stats is None:  # q/k/v (gate/up) receive the very same tensor: its statistics once
+            flat = x.reshape(-1, x.shape[-1]).float()
+            stats = {"X": (flat * flat).sum(dim=0).sqrt()}
+            if needs_hessian:
+                stats["hessian"] = flat.T @ flat * (2.0 / flat.shape[0])
+                stats["H"] = inverse_hessian_diag(stats["hessian"])
+            seen.append((x, stats))  # holding x keeps its identity from being reused in the block
+        stats = dict(stats)
+        if gradients is not None:
+            stats["G"] = gradients[full]
+        module.weight.data.copy_(prune_weight(scorer, module.weight.data, stats, spec))
+
+    for index, block in enumerate(blocks):
+        seen: list = []
+        handles = [
+            linear.register_forward_pre_hook(
+                lambda m, a, full=f"{prefix}.{index}.{name}", seen=seen: prune_on_input(m, a, full, seen)
+            )
+            for name, linear in block_linears(block).items()
+        ]
+        inputs.run(block, device, keep_outputs=index < len(blocks) - 1)
+        for handle in handles:
+            handle.remove()
+
+
+def prune_with_recorded(model, scorer, spec, recorded: dict, gradients: dict) -> None:
+    """Prune every linear from fixed recorded statistics (no forward pass)."""
+    from pruning_core.blocks import block_linears, find_blocks
+    from pruning_core.sequential import prune_weight
+
+    prefix, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, linear in block_linears(block).items():
+            full = f"{prefix}.{index}.{name}"
+            stats = {**recorded[full], "G": gradients[full]}
+            linear.weight.data.copy_(prune_weight(scorer, linear.weight.data, stats, spec))
 
 
 def main() -> None:
@@ -72,16 +152,36 @@ def main() -> None:
     tokens = windows.shape[1] - 1
     result: dict = {"setting": args.setting, "windows": int(windows.shape[0]), "split": args.split}
     ratios: dict[str, dict[str, float]] = {}
-    for label, sequential, samples in protocols:
+    for label, kind, samples in protocols:
         calibration = Calibration("c4", samples or args.nsamples, args.seqlen, 0)
         nlls, seconds = {}, {}
+        if kind == "anchored":
+            from pruning_core.data import calibration_windows
+            from pruning_core.gradients import gradient_magnitudes
+
+            model, _ = load_model(args.model, args.dtype, args.device)
+            calib = calibration_windows(calib_tokens, calibration.nsamples, args.seqlen, 0)
+            gradients = gradient_magnitudes(model, calib, calibration.key(), cache_dir(None), False)
+            recorded = anchored_stats(model, spec, calib)
         for name, scorer in scorers.items():
             started = time.perf_counter()
             model, _ = load_model(args.model, args.dtype, args.device)
-            calibrate_and_prune(
-                model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None),
-                sequential=sequential, progress=False,
-            )  # fmt: skip
+            if kind == "anchored":
+                prune_with_recorded(model, scorer, spec, recorded, gradients)
+            elif kind == "one-pass":
+                from pruning_core.data import calibration_windows
+                from pruning_core.gradients import gradient_magnitudes
+
+                calib = calibration_windows(calib_tokens, calibration.nsamples, args.seqlen, 0)
+                grads = None
+                if "G" in scorer.stats:
+                    grads = gradient_magnitudes(model, calib, calibration.key(), cache_dir(None), False)
+                prune_one_pass(model, scorer, spec, calib, grads)
+            else:
+                calibrate_and_prune(
+                    model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None),
+                    sequential=kind == "sequential", progress=False,
+                )  # fmt: skip
             nlls[name] = window_nlls(model, windows).numpy()
             seconds[name] = time.perf_counter() - started
             del model
