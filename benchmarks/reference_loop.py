@@ -10,7 +10,25 @@ import torch
 
 from pruning_core.blocks import block_linears, capture_inputs, find_blocks
 from pruning_core.sequential import prune_weight
-from pruning_core.stats import LayerStats
+from pruning_core.stats import new_accumulators
+
+
+class LayerStats:
+    """The accumulators one nn.Linear needs, fed by a forward hook on its input (one hook per linear,
+    where the project's driver shares one accumulation among linears that read the same input)."""
+
+    def __init__(self, linear: torch.nn.Linear, names: tuple[str, ...]):
+        self.accumulators = new_accumulators(linear, names)
+        self.handle = linear.register_forward_hook(self._hook) if self.accumulators else None
+
+    def _hook(self, _module, inputs, _output):
+        for acc in self.accumulators:
+            acc.update(inputs[0].detach())
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        if self.handle is not None:
+            self.handle.remove()
+        return {acc.name: acc.finalize() for acc in self.accumulators}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,7 +36,7 @@ from pruning_core.updates import adaptive_obs, span_statistics
 REASONS = ("nonfinite", "constant", "error", "timeout", "oom", "lost")
 # Failures of the machine, not of the formula: never kept as a formula's result (a resume retries them).
 TRANSIENT = ("timeout", "oom", "lost")
-TOP_RUNGS = ("one-shot", "sequential")
+TOP_RUNGS = ("one-shot", "sequential", "one-pass")
 FIDELITIES = ("proxy", "ppl", "top")  # the ladder, cheapest first
 PROXY_ROWS = 32  # rows per linear sampled for the reconstruction proxy
 PROXY_FLOOR = 1e-20  # a zero error would make the geometric mean -inf
@@ -62,7 +62,8 @@ class FitnessConfig:
     update: str = "none"  # "none", "obs" or "adaptive": the weight update with each candidate's mask
     # "sequential": the top rung prunes as a user does, with the core's sequential driver on
     # ``calibration`` (each block's statistics from the blocks pruned before it); "one-shot": every
-    # linear from the dense model's cached statistics, as the lower rungs
+    # linear from the dense model's cached statistics, as the lower rungs; "one-pass": the sequential
+    # driver at one pass per block (each linear pruned as its input arrives; ~half the calibration cost)
     top_rung: str = "one-shot"
     calibration: Calibration | None = None  # the statistics' calibration (needed by a sequential rung)
     batch_size: int = 1  # fitness windows per forward pass (a GPU runs a small model's batch at once)
@@ -103,8 +104,8 @@ class Evaluator:
         self.model, self.stats, self.config = model, stats, config
         self.tokenizer, self.data_dir, self.cache_root = tokenizer, data_dir, cache_root
         self._calib_tokens = None
-        if config.top_rung == "sequential" and config.calibration is None:
-            raise ValueError("a sequential top rung needs the calibration")
+        if config.top_rung != "one-shot" and config.calibration is None:
+            raise ValueError(f"a {config.top_rung} top rung needs the calibration")
         self.linears = prunable_linears(model)
         tokens = corpus_tokens(tokenizer, config.data, data_dir, cache_root)
         corpus = make_windows(tokens, config.seqlen)
@@ -324,9 +325,10 @@ class Evaluator:
                 self.tokenizer, self.config.calibration.data, self.data_dir, self.cache_root
             )
         self.restore()
+        calibration = replace(self.config.calibration, one_pass=self.config.top_rung == "one-pass")
         calibrate_and_prune(
             self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),
-            spec, self._calib_tokens, self.config.calibration, cache_root=self.cache_root, progress=False,
+            spec, self._calib_tokens, calibration, cache_root=self.cache_root, progress=False,
         )  # fmt: skip
 
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
@@ -334,7 +336,7 @@ class Evaluator:
         specs = self.config.specs
         if fidelity == "proxy":
             return dict(zip((spec.describe() for spec in specs), self._proxy(scorer, deadline)))
-        sequential = fidelity == "top" and self.config.top_rung == "sequential"
+        sequential = fidelity == "top" and self.config.top_rung != "one-shot"
         values = {}
         for position, spec in enumerate(specs):
             if sequential:

@@ -30,7 +30,7 @@ class EvaluatorSettings:
     fitness_seqlen: int = 256
     timeout_s: float = 600.0
     update: str = "none"  # weight update with each candidate's mask: none, obs or adaptive
-    top_rung: str = "one-shot"  # or "sequential": the top rung prunes with the core's sequential driver
+    top_rung: str = "one-shot"  # "sequential" / "one-pass": the top rung prunes with the core's driver
     batch_size: int = 1  # fitness windows per forward pass
     window_order: str = "spread"  # which fitness-corpus windows the rungs read: spread or first
 

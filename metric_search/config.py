@@ -175,7 +175,7 @@ def check_search(settings: SearchSettings) -> None:
         "wikitext2-test is for reported numbers only; search on wikitext2-valid or c4 (--fitness-data, --calib)",
     )
     check_group(e.group, "--group")
-    _check(e.top_rung in TOP_RUNGS, f"--top-rung {e.top_rung!r}: use one-shot or sequential")
+    _check(e.top_rung in TOP_RUNGS, f"--top-rung {e.top_rung!r}: use one of {', '.join(TOP_RUNGS)}")
     _check(e.window_order in WINDOW_ORDERS, f"--window-order {e.window_order!r}: use spread or first")
     _check(
         e.update in SEARCH_UPDATES,

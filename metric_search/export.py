@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from metric_search.engine import comparison_group
+from metric_search.report import TOP_RUNG_TEXT
 from metric_search.results import load_run
 from primitives.scorer import FormulaScorer
 from pruning_core.errors import UsageError
@@ -49,7 +50,7 @@ def plugin_data(run, key: str, rank: int, name: str) -> dict:
             "fitness_kind": f"geometric mean over {pattern} of the perplexity on "
             f"{evaluator.top_windows if entry.get('top') else evaluator.fitness_windows} x "
             f"{evaluator.fitness_seqlen} tokens of {evaluator.fitness_data}"
-            + (" (sequential driver)" if entry.get("top") and evaluator.top_rung == "sequential" else ""),
+            + (TOP_RUNG_TEXT.get(evaluator.top_rung, "") if entry.get("top") else ""),
             "proxy": entry["proxy"]["fitness"] if entry.get("proxy") else None,
             "generation": entry.get("generation"),
         },

@@ -131,11 +131,16 @@ def _held_out_text(final: dict) -> str:
 _WINDOW_TEXT = {"spread": "spread over the corpus", "first": "the first ones"}
 
 
+# How the top rung prunes, as the report and exported plugins say it (one-shot: nothing to add).
+TOP_RUNG_TEXT = {
+    "sequential": ", pruned by the sequential driver",
+    "one-pass": ", pruned by the sequential driver at one pass per block",
+}
+
+
 def _describe(config: dict) -> str:
     settings, e = config["settings"], config["settings"]["evaluator"]
-    top = f"{e['top_windows']} windows" + (
-        ", pruned by the sequential driver" if e.get("top_rung") == "sequential" else ""
-    )
+    top = f"{e['top_windows']} windows" + TOP_RUNG_TEXT.get(e.get("top_rung"), "")
     ladder = (
         f"the proxy (layer reconstruction error) screens every new formula, the best {settings['confirm']} per "
         f"generation get perplexity on {e['fitness_windows']} windows, the best {settings['promote']} of those "

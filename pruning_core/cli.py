@@ -101,7 +101,13 @@ def prune_job(args):
     scorer = with_update(resolve_scorer(args.scorer, args.formula, args.group), args.update)
     spec = SparsitySpec(sparsity, n, m, check_group(args.group or scorer.default_group, "--group"))
     calibration = Calibration(
-        args.calib, args.nsamples, args.seqlen, args.seed, args.calib_batch_size, args.offload_activations
+        args.calib,
+        args.nsamples,
+        args.seqlen,
+        args.seed,
+        args.calib_batch_size,
+        args.offload_activations,
+        args.one_pass,
     )
     job = PruneJob(
         spec, _source(args), args.scorer, args.formula, args.update, calibration,
@@ -221,6 +227,12 @@ def build_parser() -> OneLineParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--calib-batch-size", type=int, default=8)
     pr.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+    pr.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="one pass per block over all calibration windows at once, each linear pruned from the input it "
+        "receives (after the linears before it in the block; GPTQ's true-sequential order)",
+    )
     pr.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity (OWL)")
     pr.add_argument("--owl-m", type=float, default=5.0)
     pr.add_argument("--owl-lambda", type=float, default=0.08)

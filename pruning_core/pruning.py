@@ -39,6 +39,7 @@ class Calibration:
     seed: int = 0
     batch_size: int = 8  # windows per forward pass
     offload: bool = False  # keep the activations between blocks on CPU
+    one_pass: bool = False  # sequential: one pass per block, each linear pruned as its input arrives (Walk)
 
     def key(self) -> dict:
         """What the statistics depend on (the gradient cache's key)."""
@@ -75,7 +76,7 @@ def calibrate_and_prune(
         from pruning_core.gradients import gradient_magnitudes
 
         gradients = gradient_magnitudes(model, windows, c.key(), cache_root, progress)
-    walk = Walk(sequential, c.batch_size, c.offload, progress)
+    walk = Walk(sequential, c.batch_size, c.offload, progress, c.one_pass)
     block_sparsities = None
     if owl is not None and not spec.is_nm:
         block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl.m, owl.lam, walk)

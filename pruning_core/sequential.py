@@ -3,12 +3,15 @@
 For each decoder block in order: forward hooks on its linears accumulate the statistics the scorer
 declares, the linears are pruned, and the block is re-run so that the next block calibrates on the
 outputs of the pruned prefix (SparseGPT/Wanda). ``Walk(sequential=False)`` keeps the dense outputs instead
-(one-shot statistics of the dense model, as the fitness evaluator uses).
+(one-shot statistics of the dense model, as the fitness evaluator uses). ``Walk(one_pass=True)`` runs each
+block once over all windows and prunes every linear as its input arrives, so a linear's statistics come from
+the linears pruned before it in the block too (GPTQ's "true sequential" order), at one pass per block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +51,9 @@ class Walk:
     batch_size: int = 8  # windows per forward pass
     offload: bool = False  # keep the activations between blocks on CPU
     progress: bool = True
+    # sequential only: each block runs once, over all windows in one batch (batch_size is not used), and
+    # each linear is pruned from the input it receives (after the linears before it in the block)
+    one_pass: bool = False
 
 
 DEFAULT_WALK = Walk()
@@ -83,6 +89,9 @@ def walk_blocks(
             linears = block_linears(block)
             visit(BlockVisit(index, f"{prefix}.{index}", linears, {name: {} for name in linears}))
         return
+    if walk.sequential and walk.one_pass:
+        _walk_one_pass(model, windows, stat_names, visit, walk.offload, (prefix, blocks, bar))
+        return
     inputs = capture_inputs(model, blocks[0], windows, walk.batch_size, walk.offload)
     for index, block in enumerate(bar):
         linears = block_linears(block)
@@ -93,6 +102,40 @@ def walk_blocks(
         visit(BlockVisit(index, f"{prefix}.{index}", linears, stats))
         if walk.sequential and not last:
             inputs.run(block, device, keep_outputs=True)
+
+
+def _walk_one_pass(model, windows, stat_names, visit, offload: bool, found) -> None:
+    """Each block once over every window; a pre-hook on each linear computes its statistics from the input
+    it receives and calls ``visit`` for that linear alone, before the linear runs. ``found``: the blocks'
+    prefix, the blocks and the progress bar over them."""
+    from pruning_core.stats import new_accumulators
+
+    prefix, blocks, bar = found
+    device = next(model.parameters()).device
+    inputs = capture_inputs(model, blocks[0], windows, windows.shape[0], offload)
+
+    def on_input(index: int, name: str, seen: list, linear, args) -> None:
+        x = args[0]
+        stats = next((stats for tensor, stats in seen if tensor is x), None)
+        if stats is None:  # q/k/v (gate/up) receive the very same tensor: its statistics once
+            accumulators = new_accumulators(linear, stat_names)
+            for accumulator in accumulators:
+                accumulator.update(x.detach())
+            stats = {accumulator.name: accumulator.finalize() for accumulator in accumulators}
+            seen.append((x, stats))  # holding x also keeps its identity from being reused in the block
+        visit(BlockVisit(index, f"{prefix}.{index}", {name: linear}, {name: stats}))
+
+    for index, block in enumerate(bar):
+        seen: list = []
+        handles = [
+            linear.register_forward_pre_hook(partial(on_input, index, name, seen))
+            for name, linear in block_linears(block).items()
+        ]
+        try:
+            inputs.run(block, device, keep_outputs=index < len(blocks) - 1)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def prune_model(

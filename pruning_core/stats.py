@@ -49,23 +49,6 @@ def new_accumulators(linear: torch.nn.Linear, names: tuple[str, ...]) -> list:
     return [HOOKED_STATS[n](linear.in_features, device) for n in names if n in HOOKED_STATS]
 
 
-class LayerStats:
-    """The accumulators one nn.Linear needs, fed by a forward hook on its input."""
-
-    def __init__(self, linear: torch.nn.Linear, names: tuple[str, ...]):
-        self.accumulators = new_accumulators(linear, names)
-        self.handle = linear.register_forward_hook(self._hook) if self.accumulators else None
-
-    def _hook(self, _module, inputs, _output):
-        for acc in self.accumulators:
-            acc.update(inputs[0].detach())
-
-    def finalize(self) -> dict[str, torch.Tensor]:
-        if self.handle is not None:
-            self.handle.remove()
-        return {acc.name: acc.finalize() for acc in self.accumulators}
-
-
 class BlockStats:
     """The accumulators of every linear of one block, fed by forward hooks. Linears called with the very
     same input tensor (q/k/v, gate/up) have identical statistics, so the first of them accumulates and the

@@ -119,17 +119,20 @@ def test_batched_fitness_windows_give_the_one_by_one_perplexities(settings):
     assert batched["reason"] is None and batched["values"] == pytest.approx(one_by_one["values"], rel=1e-5)
 
 
-@pytest.mark.parametrize("update", ["none", "adaptive"])
-def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, update):
+@pytest.mark.parametrize(
+    "top_rung, update", [("sequential", "none"), ("sequential", "adaptive"), ("one-pass", "none")]
+)
+def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, top_rung, update):
     """``top_rung="sequential"``: the top rung's perplexity per setting is the core's sequential driver
     (each block's statistics from the pruned blocks before it) with the run's update, run here on a
-    fresh model; the lower rungs stay one-shot, and the evaluator's model comes back dense."""
+    fresh model (``one-pass``: that driver with ``Calibration(one_pass=True)``); the lower rungs stay
+    one-shot, and the evaluator's model comes back dense."""
     from primitives.scorer import FormulaScorer as Formula
     from pruning_core.pruning import Calibration, calibrate_and_prune
     from pruning_core.updates import with_update
 
     settings = replace(
-        settings, patterns=("0.5", "2:4"), fitness_windows=2, top_windows=3, top_rung="sequential",
+        settings, patterns=("0.5", "2:4"), fitness_windows=2, top_windows=3, top_rung=top_rung,
         update=update,
     )  # fmt: skip
     evaluator = build_evaluator(settings)
@@ -147,8 +150,8 @@ def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, upda
         for sequential in (True, False):
             model, _ = load_model(settings.model)
             calibrate_and_prune(
-                model, with_update(Formula(formula), update), spec, calib_tokens, Calibration("c4", 4, 32, 0),
-                sequential=sequential, progress=False,
+                model, with_update(Formula(formula), update), spec, calib_tokens,
+                Calibration("c4", 4, 32, 0, one_pass=top_rung == "one-pass"), sequential=sequential, progress=False,
             )  # fmt: skip
             if sequential:
                 expected[label] = perplexity(model, windows, progress=False)["ppl"]

@@ -63,6 +63,44 @@ def test_sequential_driver_matches_a_naive_whole_model_loop(arch):
         assert torch.allclose(got, want, atol=1e-6), name
 
 
+def naive_true_sequential_wanda(model, windows, sparsity):
+    """For each linear in the order a block calls them: run the WHOLE model, the linears before it
+    already pruned, with a hook on that linear alone; then prune it."""
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for linear in block_linears(block).values():  # module order is call order in LLaMA and OPT
+            total = torch.zeros(linear.in_features)
+
+            def hook(_m, inputs, _o, total=total):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                total += (x * x).sum(0)
+
+            handle = linear.register_forward_hook(hook)
+            with torch.no_grad():
+                for window in windows:
+                    model(window.unsqueeze(0))
+            handle.remove()
+            linear.weight.data = reference_wanda_row_prune(linear.weight.data, total.sqrt(), sparsity)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_one_pass_driver_prunes_each_linear_from_the_input_it_receives(arch):
+    """``Walk(one_pass=True)``: o_proj (out_proj) sees the pruned q/k/v, down (fc2) the pruned gate/up,
+    every block the pruned blocks before it; the two-pass driver gives different weights here."""
+    model = make_tiny_model(arch)
+    windows = calib()
+    expected = naive_true_sequential_wanda(copy.deepcopy(model), windows, 0.5)
+    two_pass = copy.deepcopy(model)
+    prune_model(
+        model, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(one_pass=True, progress=False)
+    )
+    prune_model(two_pass, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(progress=False))
+    for (name, got), (_, want) in zip(model.named_parameters(), expected.named_parameters()):
+        assert torch.allclose(got, want, atol=1e-6), name
+    assert any(not torch.equal(got, other) for got, other in zip(model.parameters(), two_pass.parameters()))
+
+
 def test_driver_statistics_equal_direct_input_norms_and_hessian():
     """Every linear, including those that read the same input as another (k/v share q's, up shares
     gate's: the driver accumulates those once) gets the statistics of its own recorded inputs."""
