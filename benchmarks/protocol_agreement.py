@@ -2,9 +2,10 @@
 
 Each formula and Wanda prune fresh copies of the model at one setting under several protocols —
 `one-shot` (every linear from the dense model's statistics, as the search's lower rungs),
-`sequential:N` (the core's sequential driver on N calibration windows, as a user prunes) and `anchored`
-(every linear one-shot from the statistics the sequential driver records while Wanda prunes, i.e. from
-a pruned prefix computed once) — and are measured on the same fitness windows. Per protocol and
+`sequential:N` (the core's sequential driver on N calibration windows, as a user prunes), `one-pass:N`
+(that driver at one pass per block: `prune --one-pass`) and `anchored` (every linear one-shot from the
+statistics the sequential driver records while Wanda prunes, i.e. from a pruned prefix computed once) —
+and are measured on the same fitness windows. Per protocol and
 formula: the ratio to Wanda (exp of the mean per-window log-likelihood difference) on all windows, on
 the first ``--split`` windows (as a rung with that many windows sees them) and on the rest, and the
 per-window standard deviation of the difference (the noise of a rung with k windows is about
@@ -62,48 +63,6 @@ def anchored_stats(model, spec, windows) -> dict[str, dict]:
     return recorded
 
 
-@torch.no_grad()
-def prune_one_pass(model, scorer, spec, windows, gradients: dict | None) -> None:
-    """Each block runs once over all calibration windows; a pre-hook prunes each linear from the
-    statistics of the input it receives then (from the linears pruned before it in the block: GPTQ's
-    true-sequential order), so the block's outputs are the pruned ones without a second pass."""
-    from pruning_core.blocks import block_linears, capture_inputs, find_blocks
-    from pruning_core.linalg import inverse_hessian_diag
-    from pruning_core.sequential import prune_weight
-
-    prefix, blocks = find_blocks(model)
-    device = next(model.parameters()).device
-    inputs = capture_inputs(model, blocks[0], windows, windows.shape[0], False)
-    needs_hessian = bool({"H", "hessian"} & set(scorer.stats))
-
-    def prune_on_input(module, args, full: str, seen: list) -> None:
-        x = args[0]
-        stats = next((stats for tensor, stats in seen if tensor is x), None)
-        if stats is None:  # q/k/v (gate/up) receive the very same tensor: its statistics once
-            flat = x.reshape(-1, x.shape[-1]).float()
-            stats = {"X": (flat * flat).sum(dim=0).sqrt()}
-            if needs_hessian:
-                stats["hessian"] = flat.T @ flat * (2.0 / flat.shape[0])
-                stats["H"] = inverse_hessian_diag(stats["hessian"])
-            seen.append((x, stats))  # holding x keeps its identity from being reused in the block
-        stats = dict(stats)
-        if gradients is not None:
-            stats["G"] = gradients[full]
-        module.weight.data.copy_(prune_weight(scorer, module.weight.data, stats, spec))
-
-    for index, block in enumerate(blocks):
-        seen: list = []
-        handles = [
-            linear.register_forward_pre_hook(
-                lambda m, a, full=f"{prefix}.{index}.{name}", seen=seen: prune_on_input(m, a, full, seen)
-            )
-            for name, linear in block_linears(block).items()
-        ]
-        inputs.run(block, device, keep_outputs=index < len(blocks) - 1)
-        for handle in handles:
-            handle.remove()
-
-
 def prune_with_recorded(model, scorer, spec, recorded: dict, gradients: dict) -> None:
     """Prune every linear from fixed recorded statistics (no forward pass)."""
     from pruning_core.blocks import block_linears, find_blocks
@@ -153,7 +112,7 @@ def main() -> None:
     result: dict = {"setting": args.setting, "windows": int(windows.shape[0]), "split": args.split}
     ratios: dict[str, dict[str, float]] = {}
     for label, kind, samples in protocols:
-        calibration = Calibration("c4", samples or args.nsamples, args.seqlen, 0)
+        calibration = Calibration("c4", samples or args.nsamples, args.seqlen, 0, one_pass=kind == "one-pass")
         nlls, seconds = {}, {}
         if kind == "anchored":
             from pruning_core.data import calibration_windows
@@ -168,19 +127,10 @@ def main() -> None:
             model, _ = load_model(args.model, args.dtype, args.device)
             if kind == "anchored":
                 prune_with_recorded(model, scorer, spec, recorded, gradients)
-            elif kind == "one-pass":
-                from pruning_core.data import calibration_windows
-                from pruning_core.gradients import gradient_magnitudes
-
-                calib = calibration_windows(calib_tokens, calibration.nsamples, args.seqlen, 0)
-                grads = None
-                if "G" in scorer.stats:
-                    grads = gradient_magnitudes(model, calib, calibration.key(), cache_dir(None), False)
-                prune_one_pass(model, scorer, spec, calib, grads)
             else:
                 calibrate_and_prune(
                     model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None),
-                    sequential=kind == "sequential", progress=False,
+                    sequential=kind in ("sequential", "one-pass"), progress=False,
                 )  # fmt: skip
             nlls[name] = window_nlls(model, windows).numpy()
             seconds[name] = time.perf_counter() - started
