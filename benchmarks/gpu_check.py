@@ -44,9 +44,11 @@ def core(*args: str) -> list[str]:
     return [sys.executable, "-m", "pruning_core", *args, "--json"]
 
 
-def with_reference(label: str, args: list[str], common: list[str], deadline_s: float) -> dict:
-    """``args`` on CUDA (its default dtype) and on the CPU in float32; ppl ratio CUDA / CPU."""
-    cuda = run_json(core(*args, *common, "--device", "cuda"), deadline_s)
+def with_reference(
+    label: str, args: list[str], common: list[str], dtype: list[str], deadline_s: float
+) -> dict:
+    """``args`` on CUDA (``dtype``, else CUDA's default) and on the CPU in float32; ppl ratio CUDA / CPU."""
+    cuda = run_json(core(*args, *common, "--device", "cuda", *dtype), deadline_s)
     cpu = run_json(core(*args, *common, "--device", "cpu", "--dtype", "float32"), deadline_s)
     step = {"cuda": _brief(cuda), "cpu_float32": _brief(cpu)}
     if "ppl" in cuda and "ppl" in cpu:
@@ -101,19 +103,27 @@ def main() -> None:
         )
         sys.exit(2)
     skip = set(filter(None, args.skip.split(",")))
+    if args.device not in (None, "cuda"):
+        print(
+            f"--device {args.device}: gpu_check.py runs the CUDA side on cuda; omit --device", file=sys.stderr
+        )
+        sys.exit(2)
     common = ["--model", args.model] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    dtype = ["--dtype", args.dtype] if args.dtype else []
     result: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
     if "eval" not in skip:
         result["eval"] = with_reference(
-            "eval", ["eval", "--data", "wikitext2-test", *EVAL_WINDOWS], common, args.step_timeout
+            "eval", ["eval", "--data", "wikitext2-test", *EVAL_WINDOWS], common, dtype, args.step_timeout
         )
     if "prune" not in skip:
         for scorer in ("wanda", "sparsegpt"):
             prune = ["prune", "--scorer", scorer, *PRUNE_SETTING, "--eval", "wikitext2-test", *EVAL_WINDOWS]
-            result[f"prune_{scorer}"] = with_reference(f"prune {scorer}", prune, common, args.step_timeout)
+            result[f"prune_{scorer}"] = with_reference(
+                f"prune {scorer}", prune, common, dtype, args.step_timeout
+            )
     if "overhead" not in skip:
         overhead = [sys.executable, str(REPO / "benchmarks" / "fitness_overhead.py"), "--json", "--device",
-                    "cuda", "--model", args.model, "--rounds", "3"]  # fmt: skip
+                    "cuda", "--model", args.model, "--rounds", "3", *dtype]  # fmt: skip
         result["fitness_overhead"] = run_json(overhead, args.step_timeout)
     if "search" not in skip:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:

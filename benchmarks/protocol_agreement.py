@@ -5,12 +5,11 @@ Each formula and Wanda prune fresh copies of the model at one setting under seve
 `sequential:N` (the core's sequential driver on N calibration windows, as a user prunes), `one-pass:N`
 (that driver at one pass per block: `prune --one-pass`) and `anchored` (every linear one-shot from the
 statistics the sequential driver records while Wanda prunes, i.e. from a pruned prefix computed once) —
-and are measured on the same fitness windows. Per protocol and
-formula: the ratio to Wanda (exp of the mean per-window log-likelihood difference) on all windows, on
-the first ``--split`` windows (as a rung with that many windows sees them) and on the rest, and the
-per-window standard deviation of the difference (the noise of a rung with k windows is about
-sd / sqrt(k)). Spearman correlations compare each protocol's ranking with the reference protocol's
-(the last one).
+and are measured on the same fitness windows. Per protocol and formula: the ratio to Wanda (exp of the
+mean per-window log-likelihood difference) on all windows, on the first ``--split`` windows (as a rung
+with that many windows sees them) and on the rest, and the per-window standard deviation of the
+difference (the noise of a rung with k windows is about sd / sqrt(k)). Spearman correlations compare
+each protocol's ranking with the reference protocol's (the last one).
 """
 
 from __future__ import annotations
@@ -65,15 +64,12 @@ def anchored_stats(model, spec, windows) -> dict[str, dict]:
 
 def prune_with_recorded(model, scorer, spec, recorded: dict, gradients: dict) -> None:
     """Prune every linear from fixed recorded statistics (no forward pass)."""
-    from pruning_core.blocks import block_linears, find_blocks
+    from pruning_core.blocks import prunable_linears
     from pruning_core.sequential import prune_weight
 
-    prefix, blocks = find_blocks(model)
-    for index, block in enumerate(blocks):
-        for name, linear in block_linears(block).items():
-            full = f"{prefix}.{index}.{name}"
-            stats = {**recorded[full], "G": gradients[full]}
-            linear.weight.data.copy_(prune_weight(scorer, linear.weight.data, stats, spec))
+    for name, linear in prunable_linears(model).items():
+        stats = {**recorded[name], "G": gradients[name]}
+        linear.weight.data.copy_(prune_weight(scorer, linear.weight.data, stats, spec))
 
 
 def main() -> None:

@@ -231,7 +231,8 @@ def build_parser() -> OneLineParser:
         "--one-pass",
         action="store_true",
         help="one pass per block over all calibration windows at once, each linear pruned from the input it "
-        "receives (after the linears before it in the block; GPTQ's true-sequential order)",
+        "receives (after the linears before it in the block; GPTQ's true-sequential order); holds every "
+        "calibration window's activations at once",
     )
     pr.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity (OWL)")
     pr.add_argument("--owl-m", type=float, default=5.0)
