@@ -108,7 +108,14 @@ def main() -> None:
     result: dict = {"setting": args.setting, "windows": int(windows.shape[0]), "split": args.split}
     ratios: dict[str, dict[str, float]] = {}
     for label, kind, samples in protocols:
-        calibration = Calibration("c4", samples or args.nsamples, args.seqlen, 0, one_pass=kind == "one-pass")
+        calibration = Calibration(
+            "c4",
+            samples or args.nsamples,
+            args.seqlen,
+            0,
+            sequential=kind in ("sequential", "one-pass"),
+            one_pass=kind == "one-pass",
+        )
         nlls, seconds = {}, {}
         if kind == "anchored":
             from pruning_core.data import calibration_windows
@@ -126,7 +133,7 @@ def main() -> None:
             else:
                 calibrate_and_prune(
                     model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None),
-                    sequential=kind in ("sequential", "one-pass"), progress=False,
+                    progress=False,
                 )  # fmt: skip
             nlls[name] = window_nlls(model, windows).numpy()
             seconds[name] = time.perf_counter() - started

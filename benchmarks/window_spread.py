@@ -58,15 +58,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     windows = make_windows(corpus_tokens(tokenizer, args.data, args.data_dir), args.seqlen, args.windows)
     calib_tokens = corpus_tokens(tokenizer, "c4", args.data_dir)
-    calibration = Calibration("c4", args.nsamples, args.seqlen, 0)
+    calibration = Calibration("c4", args.nsamples, args.seqlen, 0, sequential=False)
     scorers = {"wanda": get_scorer("wanda")}
     scorers.update({text: FormulaScorer(text, group=spec.group) for text in args.formulas.split(";")})
     nlls = {}
     for name, scorer in scorers.items():
         model, _ = load_model(args.model, args.dtype, args.device)
         calibrate_and_prune(
-            model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None), sequential=False,
-            progress=False,
+            model, scorer, spec, calib_tokens, calibration, cache_root=cache_dir(None), progress=False,
         )  # fmt: skip
         nlls[name] = window_nlls(model, windows, progress=True).numpy()
         del model

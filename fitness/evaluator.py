@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from fitness.stacks import LinearStack, gather_rows, stack_linears
 from fitness.stats_cache import StatsCache
-from fitness.windows import search_windows
 from pruning_core.blocks import prunable_linears
-from pruning_core.data import corpus_tokens
+from pruning_core.data import calibration_windows
 from pruning_core.masks import keep_mask
-from pruning_core.perplexity import make_windows, perplexity
+from pruning_core.perplexity import perplexity
 from pruning_core.pruning import Calibration
 from pruning_core.scorers.base import SparsitySpec
 from pruning_core.scorers.sparsegpt import inverse_hessian_factor, live_weight, obs_fixed_mask
@@ -70,6 +69,15 @@ class FitnessConfig:
     window_order: str = "spread"  # which corpus windows the rungs read (see fitness.windows)
 
 
+@dataclass(frozen=True)
+class FitnessInputs:
+    """The token ids an evaluator reads: the windows of its perplexity rungs, and the calibration corpus
+    a sequential top rung prunes from (None for a one-shot top rung)."""
+
+    windows: torch.Tensor
+    calib_tokens: torch.Tensor | None = None
+
+
 class CandidateFailed(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)
@@ -99,18 +107,16 @@ class Evaluator:
     """Owns the model, its prunable linears stacked by shape (dense copies, statistics, sampled rows;
     see ``fitness.stacks``) and the fitness windows."""
 
-    def __init__(self, model, tokenizer, stats: StatsCache, config: FitnessConfig, data_dir=None,
-                 cache_root=None):  # fmt: skip
+    def __init__(self, model, stats: StatsCache, config: FitnessConfig, inputs: FitnessInputs):
         self.model, self.stats, self.config = model, stats, config
-        self.tokenizer, self.data_dir, self.cache_root = tokenizer, data_dir, cache_root
-        self._calib_tokens = None
-        if config.top_rung != "one-shot" and config.calibration is None:
-            raise ValueError(f"a {config.top_rung} top rung needs the calibration")
+        self.windows = inputs.windows
+        self.calib_windows = None
+        if config.top_rung != "one-shot":
+            c = config.calibration
+            if c is None or inputs.calib_tokens is None:
+                raise ValueError(f"a {config.top_rung} top rung needs the calibration and its tokens")
+            self.calib_windows = calibration_windows(inputs.calib_tokens, c.nsamples, c.seqlen, c.seed)
         self.linears = prunable_linears(model)
-        tokens = corpus_tokens(tokenizer, config.data, data_dir, cache_root)
-        corpus = make_windows(tokens, config.seqlen)
-        count = max(config.windows, config.top_windows)
-        self.windows = corpus[search_windows(corpus.shape[0], count, config.window_order)]
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(linear.weight.shape[0], generator=generator)[:PROXY_ROWS].to(
@@ -317,18 +323,20 @@ class Evaluator:
     def _prune_sequentially(self, scorer, spec: SparsitySpec, deadline: float) -> None:
         """The core's sequential driver on the dense model, with the run's update; the scorer checks
         the deadline at every linear (and every span of an adaptive update)."""
-        from pruning_core.pruning import calibrate_and_prune
+        from pruning_core.sequential import Walk, prune_model
         from pruning_core.updates import with_update
 
-        if self._calib_tokens is None:
-            self._calib_tokens = corpus_tokens(
-                self.tokenizer, self.config.calibration.data, self.data_dir, self.cache_root
-            )
         self.restore()
-        calibration = replace(self.config.calibration, one_pass=self.config.top_rung == "one-pass")
-        calibrate_and_prune(
+        c = self.config.calibration
+        walk = Walk(
+            True, c.batch_size, c.offload, progress=False, one_pass=self.config.top_rung == "one-pass"
+        )
+        # G of the cached statistics: the dense model's gradients on these very calibration windows,
+        # what prune's calibrate_and_prune would compute (or read from its cache) for this calibration
+        gradients = {name: self.stats.linear_stats(name)["G"] for name in self.linears}
+        prune_model(
             self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),
-            spec, self._calib_tokens, calibration, cache_root=self.cache_root, progress=False,
+            spec, self.calib_windows, gradients=gradients, walk=walk,
         )  # fmt: skip
 
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:

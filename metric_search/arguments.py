@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from fitness.evaluator import TOP_RUNGS
 from fitness.windows import WINDOW_ORDERS
+from metric_search import cluster
 from metric_search.config import (
     DEFAULT_SETTINGS,
     PROFILES,
@@ -24,7 +25,8 @@ DEFAULT_SEEDS = "wanda,magnitude,pruner-zero,ria,sparsegpt-mask"
 
 # Flags a resume may change: they say how to run, not what to search.
 RESUMABLE = {
-    "generations", "workers", "threads", "actors_per_gpu", "address", "candidate_timeout", "no_preflight", "quiet", "json",
+    "generations", "workers", "threads", "actors_per_gpu", "address", "runtime_env", "candidate_timeout", "no_preflight",
+    "quiet", "json",
     "resume", "profile", "device", "dtype", "cache_dir", "data_dir",
 }  # fmt: skip
 
@@ -52,7 +54,15 @@ def search_parser() -> OneLineParser:
         allow_abbrev=False,
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="defaults sized for CPU or GPU")
-    g = p.add_argument_group("evolution")
+    _evolution_flags(p.add_argument_group("evolution"))
+    _fitness_flags(p.add_argument_group("fitness"))
+    add_model_flags(p)
+    _execution_flags(p.add_argument_group("execution"))
+    return p
+
+
+def _evolution_flags(g) -> None:
+    """What to evolve: the GP's sizes, operators and initial formulas."""
     g.add_argument("--generations", type=int, help=_both("generations"))
     g.add_argument("--population", type=int, help=_both("population"))
     g.add_argument("--seed", type=int, help=f"fixes the whole search (default {SEARCH_DEFAULTS.seed})")
@@ -82,7 +92,10 @@ def search_parser() -> OneLineParser:
         "--seed-formulas",
         help=f"initial formulas: comma list of known names or formula texts, or none ({DEFAULT_SEEDS})",
     )
-    f = p.add_argument_group("fitness")
+
+
+def _fitness_flags(f) -> None:
+    """How a formula is judged: settings, data, the ladder's budgets, the final check."""
     f.add_argument(
         "--settings",
         help=f"sparsity settings the fitness averages over: comma list of ratios and N:M ({DEFAULT_SETTINGS})",
@@ -143,7 +156,8 @@ def search_parser() -> OneLineParser:
     f.add_argument(
         "--tune",
         type=int,
-        help=f"constant-tuning variants of the best formula per generation ({_both('tune')}; 0: off)",
+        help=f"constant-tuning variants per generation of the best formula at the top rung with untried steps "
+        f"({_both('tune')}; 0: off)",
     )
     f.add_argument(
         "--final-top",
@@ -155,8 +169,10 @@ def search_parser() -> OneLineParser:
         type=int,
         help=f"WikiText-2 valid windows of that final check ({_both('final_windows')})",
     )
-    add_model_flags(p)
-    r = p.add_argument_group("execution")
+
+
+def _execution_flags(r) -> None:
+    """How to run (a resume may change these): actors, Ray, time limits, run folders."""
     r.add_argument(
         "--workers",
         type=int,
@@ -171,13 +187,18 @@ def search_parser() -> OneLineParser:
     r.add_argument("--threads", type=int, help=f"torch threads per actor ({_both('threads')})")
     r.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: local Ray on loopback)")
     r.add_argument(
+        "--runtime-env",
+        metavar="FILE.json",
+        help="a Ray runtime_env for every actor, for cluster nodes without the package "
+        '(e.g. {"pip": ["metric-search"]} or {"working_dir": "."})',
+    )
+    r.add_argument(
         "--candidate-timeout", type=float, help=f"seconds per candidate ({_both('candidate_timeout')})"
     )
     r.add_argument("--no-preflight", action="store_true", help="skip loading the model in the driver first")
     r.add_argument("--run-dir", help="run directory (default runs/<run-id>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def explicit_flags(parser, argv: list[str]) -> set[str]:
@@ -310,6 +331,7 @@ def execution_from_args(args, device: str | None) -> ExecutionSettings:
         threads=pick("threads"),
         actors_per_gpu=pick("actors_per_gpu"),
         address=args.address,
+        runtime_env=cluster.load_runtime_env(args.runtime_env),
         candidate_timeout=pick("candidate_timeout"),
         use_gpu=use_gpu,
         preflight=not args.no_preflight,

@@ -101,7 +101,9 @@ def cmd_search(argv: list[str]) -> int:
     x = plan.execution
     if x.preflight:
         preflight(plan.settings, x.progress)
-    started_ray = cluster.connect(x.address, x.workers * x.threads if x.workers else None, x.use_gpu)
+    started_ray = cluster.connect(
+        x.address, x.workers * x.threads if x.workers else None, x.use_gpu, x.runtime_env
+    )
     try:
         if plan.resume_config is None:
             start_run(plan.settings, plan.run_dir, plan.run_id, x)

@@ -3,15 +3,46 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 from pruning_core.errors import UsageError
 
 CONNECT_TIMEOUT_S = 10.0
 OBJECT_STORE_BYTES = 256 * 2**20  # results are small dicts; the default (30% of RAM) is wasted here
+
+
+RUNTIME_ENV_EXAMPLE = '{"pip": ["metric-search"]}'
+
+
+def load_runtime_env(path: str | None) -> dict | None:
+    """A Ray runtime_env read from a JSON file (data, never evaluated) and checked by Ray's own
+    ``RuntimeEnv``, or None without a file."""
+    if path is None:
+        return None
+    fix = f"pass a JSON object such as {RUNTIME_ENV_EXAMPLE} (see Ray's runtime_env docs)"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UsageError(f"--runtime-env {path}: cannot read it ({err.strerror or err}); {fix}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"--runtime-env {path} is not JSON ({err}); {fix}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"--runtime-env {path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**data)
+    except (TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"--runtime-env {path} is not a valid Ray runtime_env: {first[:200]}; {fix}"
+        ) from err
+    return data
 
 
 def _probe(address: str) -> None:
@@ -31,14 +62,15 @@ def _probe(address: str) -> None:
 
 def _init_on_loopback(**options) -> None:
     """Ray replaces a 127.0.0.1 node address by the machine's public IP, and its servers bind to the
-    node address, unless multi-machine clusters are switched off; switch them off for this one call."""
+    node address, unless multi-machine clusters are switched off; switch them off for this one call.
+    ``address="local"``: without it Ray would join a cluster that `ray start` left on this machine."""
     import ray
     from ray._private import ray_constants
 
     previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **options)
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
     bound = {node["NodeManagerAddress"] for node in ray.nodes()}
@@ -70,9 +102,11 @@ def check_address(address: str | None) -> None:
         _probe(address)
 
 
-def connect(address: str | None, num_cpus: int | None, use_gpu: bool = False) -> bool:
+def connect(
+    address: str | None, num_cpus: int | None, use_gpu: bool = False, runtime_env: dict | None = None
+) -> bool:
     """Start or join Ray (``num_cpus`` None: all of this machine's); True when this call started it
-    (the caller then shuts it down).
+    (the caller then shuts it down). ``runtime_env`` becomes the job's default for every actor.
     An instance already running in this process (a test, an embedding program) is used as is."""
     import ray
 
@@ -80,6 +114,8 @@ def connect(address: str | None, num_cpus: int | None, use_gpu: bool = False) ->
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-report thread phoning home
     common = {"log_to_driver": False, "logging_level": logging.WARNING, "namespace": "metric_search"}
+    if runtime_env is not None:
+        common["runtime_env"] = runtime_env
     if address is None:
         gpus = None if use_gpu else 0  # None: Ray counts the GPUs itself
         _init_on_loopback(num_cpus=num_cpus, num_gpus=gpus, object_store_memory=OBJECT_STORE_BYTES, **common)

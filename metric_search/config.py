@@ -25,8 +25,9 @@ SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for 
 # budgets are multiples of the two workers, so no rung leaves one idle. Fitness follows
 # the validation protocol (512-token windows, 50% and 2:4 at once); the ladder: the proxy screens every
 # new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
-# of those climb to `top_windows`; `tune` variants of the hall of fame's head (one constant changed)
-# per generation go up the ladder and join only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
+# of those (if among the best quarter so far) climb to `top_windows`; `tune` variants (one constant
+# changed) of the best formula at the top rung with untried steps go up the ladder per generation and join
+# only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
 # `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
 # pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula.
 CPU_PROFILE = {
@@ -112,6 +113,7 @@ class ExecutionSettings:
     threads: int = 1
     actors_per_gpu: int = 1
     address: str | None = None
+    runtime_env: dict | None = None  # a Ray runtime_env for every actor (--runtime-env FILE.json)
     candidate_timeout: float = 300.0
     use_gpu: bool = False
     preflight: bool = True

@@ -82,15 +82,17 @@ class _Worker:
 class EvaluatorPool:
     def __init__(
         self, evaluator_settings: dict, workers: int, threads: int, gpu_share: float, hard_timeout: float,
-        placement_timeout: float = PLACEMENT_WAIT_S,
+        placement_timeout: float = PLACEMENT_WAIT_S, shipment=None,
     ):  # fmt: skip
-        """``gpu_share``: the fraction of a GPU each actor reserves (0: CPU actors)."""
+        """``gpu_share``: the fraction of a GPU each actor reserves (0: CPU actors); ``shipment``: an
+        object reference to a fitness.setup.Shipment every actor builds its evaluator from (None: each
+        actor reads its node's files)."""
         options = {"num_cpus": threads, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
         if gpu_share:
             options["num_gpus"] = gpu_share
         _check_resources(workers, threads, gpu_share)
         self._actor_class = ray.remote(**options)(PoolActor)
-        self._settings, self._threads = evaluator_settings, threads
+        self._settings, self._threads, self._shipment = evaluator_settings, threads, shipment
         self.hard_timeout, self.placement_timeout = hard_timeout, placement_timeout
         self.workers = workers
         self.unplaced = 0  # actors given up before they were up (for the report)
@@ -108,7 +110,9 @@ class EvaluatorPool:
     # --- actors -------------------------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        worker = _Worker(self._actor_class.remote(self._settings, self._threads), self._serials)
+        worker = _Worker(
+            self._actor_class.remote(self._settings, self._threads, self._shipment), self._serials
+        )
         self._serials += 1
         self._starting[worker.ready] = worker
 
@@ -130,12 +134,6 @@ class EvaluatorPool:
             return
         self.start_failures = 0
         self._idle.append(worker)
-
-    def where(self, busy_only: bool = False) -> list[dict]:
-        """pid and node id of the started actors (only those running a job when ``busy_only``)."""
-        busy = [w for w, _, _ in self._busy.values()]
-        workers = busy if busy_only else [*self._idle, *busy]
-        return [dict(w.where) for w in workers if w.where is not None]
 
     def shutdown(self) -> None:
         for worker in [*self._idle, *self._starting.values(), *(w for w, _, _ in self._busy.values())]:

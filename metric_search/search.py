@@ -191,29 +191,40 @@ class Search:
             evaluations.fetch(to_promote(keys, candidates, "top", s.promote), "top", tally, label), "top"
         )
 
-    def _tune(self, population: list[Individual], generation: int, evaluations, tally: Counter) -> list:
-        """Local tuning of the hall of fame's head, one constant at a time: up to ``tune`` variants not
-        seen before climb the ladder (base perplexity for all, the top rung for those that beat the
-        head there); a variant that beats the head at the top rung replaces the population's worst."""
+    def _untried_neighbours(self, key: str) -> list[Individual]:
+        """Up to ``tune`` formulas one constant step from ``key`` that were never measured."""
         from primitives.tuning import constant_neighbours
 
-        s, candidates = self.settings, self.state.candidates
-        if not s.tune or not self.state.hall_of_fame:
-            return population
-        head = self.state.hall_of_fame[0]
-        if value(candidates[head], "top") is None:
-            return population
-        variants = []
-        for text in constant_neighbours(head, self.engine.group):
+        variants: list[Individual] = []
+        for text in constant_neighbours(key, self.engine.group):
             try:
                 variant = self.engine.from_text(text)
             except UsageError:
                 continue  # a constant the GP cannot hold
-            if variant.canonical not in candidates and variant.canonical not in {
+            if variant.canonical not in self.state.candidates and variant.canonical not in {
                 v.canonical for v in variants
             }:
                 variants.append(variant)
-            if len(variants) == s.tune:
+            if len(variants) == self.settings.tune:
+                break
+        return variants
+
+    def _tune(self, population: list[Individual], generation: int, evaluations, tally: Counter) -> list:
+        """Local tuning, one constant at a time, of the best formula measured at the top rung that still
+        has untried steps (the hall of fame's head until its steps run out, then the next): up to
+        ``tune`` new variants climb the ladder (base perplexity for all, the top rung for those that beat
+        that parent there); a variant that beats the parent at the top rung replaces the population's
+        worst."""
+        s, candidates = self.settings, self.state.candidates
+        if not s.tune:
+            return population
+        parent, variants = None, []
+        for key in self.state.hall_of_fame:
+            if value(candidates[key], "top") is None:
+                break  # the hall of fame lists the top rung's formulas first
+            variants = self._untried_neighbours(key)
+            if variants:
+                parent = key
                 break
         if not variants:
             return population
@@ -224,12 +235,12 @@ class Search:
             self._store(
                 evaluations.fetch(needing(keys, candidates, fidelity), fidelity, tally, label), fidelity
             )
-        head_ppl = value(candidates[head], "ppl")
-        climbing = [k for k in needing(keys, candidates, "top") if value(candidates[k], "ppl") < head_ppl]
+        parent_ppl = value(candidates[parent], "ppl")
+        climbing = [k for k in needing(keys, candidates, "top") if value(candidates[k], "ppl") < parent_ppl]
         self._store(evaluations.fetch(climbing, "top", tally, label), "top")
-        head_top = value(candidates[head], "top")
+        parent_top = value(candidates[parent], "top")
         tops = {v.canonical: value(candidates[v.canonical], "top") for v in variants}
-        better = [v for v in variants if tops[v.canonical] is not None and tops[v.canonical] < head_top]
+        better = [v for v in variants if tops[v.canonical] is not None and tops[v.canonical] < parent_top]
         tally["tuned"] += len(better)
         if not better:
             return population
@@ -329,14 +340,23 @@ class Search:
         rundir.remove_stale_temps(self.run_dir)
         memo = Memo(self.run_dir / rundir.CANDIDATES)
         population = [self.engine.from_text(formula) for formula, _ in self.state.population]
-        started_ray = cluster.connect(x.address, x.workers * x.threads if x.workers else None, x.use_gpu)
+        started_ray = cluster.connect(
+            x.address, x.workers * x.threads if x.workers else None, x.use_gpu, x.runtime_env
+        )
         try:
             import ray
 
             workers, gpu_share = cluster.actor_layout(
                 x.workers, x.threads, x.actors_per_gpu, s.evaluator.device, ray.cluster_resources()
             )
-            pool = EvaluatorPool(s.evaluator.as_dict(), workers, x.threads, gpu_share, x.hard_timeout)
+            shipment = None
+            if x.address is not None:  # other nodes: the model, statistics and windows travel with Ray
+                from fitness.setup import prepare_shipment
+
+                shipment = ray.put(prepare_shipment(s.evaluator, x.progress))
+            pool = EvaluatorPool(
+                s.evaluator.as_dict(), workers, x.threads, gpu_share, x.hard_timeout, shipment=shipment
+            )
             try:
                 evaluations = _Evaluations(pool, memo, x.progress, self.observer)
                 if not self.state.baselines:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 
 import torch
 from torch import nn
 
 from pruning_core.errors import UsageError
+from pruning_core.files import key_digest
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -107,13 +107,13 @@ def model_fingerprint(model) -> str:
     Where the model was loaded from is no part of it: the same weights moved elsewhere share caches."""
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    checksums = []
     with torch.no_grad():
         for name, param in model.named_parameters():
             flat = param.detach().double().flatten()
             weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 7 + 1
-            digest.update(f"{name}:{flat.sum().item():.10e}:{(flat * weights).sum().item():.10e}".encode())
-    return digest.hexdigest()[:20]
+            checksums.append(f"{name}:{flat.sum().item():.10e}:{(flat * weights).sum().item():.10e}")
+    return key_digest({"config": config, "parameters": checksums}, length=20)
 
 
 def prunable_linears(model) -> dict[str, torch.nn.Linear]:

@@ -105,9 +105,9 @@ def prune_job(args):
         args.nsamples,
         args.seqlen,
         args.seed,
-        args.calib_batch_size,
-        args.offload_activations,
-        args.one_pass,
+        batch_size=args.calib_batch_size,
+        offload=args.offload_activations,
+        one_pass=args.one_pass,
     )
     job = PruneJob(
         spec, _source(args), args.scorer, args.formula, args.update, calibration,

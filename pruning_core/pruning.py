@@ -4,7 +4,7 @@ block sparsities, then the sequential driver."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 import torch
 
@@ -37,8 +37,10 @@ class Calibration:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    _: KW_ONLY  # how the windows pass through the model: by name only, so a new field shifts nothing
     batch_size: int = 8  # windows per forward pass
     offload: bool = False  # keep the activations between blocks on CPU
+    sequential: bool = True  # each block calibrates on the outputs of the pruned blocks before it
     one_pass: bool = False  # sequential: one pass per block, each linear pruned as its input arrives (Walk)
 
     def key(self) -> dict:
@@ -64,7 +66,6 @@ def calibrate_and_prune(
     *,
     owl: Owl | None = None,
     cache_root=None,
-    sequential: bool = True,
     progress: bool = True,
 ) -> dict:
     """Prune ``model`` in place; return measured sparsity (overall, per linear) and timings."""
@@ -76,7 +77,7 @@ def calibrate_and_prune(
         from pruning_core.gradients import gradient_magnitudes
 
         gradients = gradient_magnitudes(model, windows, c.key(), cache_root, progress)
-    walk = Walk(sequential, c.batch_size, c.offload, progress, c.one_pass)
+    walk = Walk(c.sequential, c.batch_size, c.offload, progress, c.one_pass)
     block_sparsities = None
     if owl is not None and not spec.is_nm:
         block_sparsities = owl_block_sparsities(model, windows, spec.sparsity, owl.m, owl.lam, walk)

@@ -70,6 +70,14 @@ def candidate_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / rundir.CANDIDATES).read_text().splitlines()]
 
 
+def actor_places(pool, busy_only: bool = False) -> list[dict]:
+    """pid, node and resources of a pool's started actors (only those running a job when ``busy_only``):
+    what a fault test needs to kill one, read from the pool's own records."""
+    busy = [worker for worker, _, _ in pool._busy.values()]
+    workers = busy if busy_only else [*pool._idle, *busy]
+    return [dict(worker.where) for worker in workers if worker.where is not None]
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)

@@ -137,7 +137,7 @@ def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, top_
     )  # fmt: skip
     evaluator = build_evaluator(settings)
     dense = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
-    formula = "abs(W) * sqrt(X) + abs(W)"
+    formula = "abs(W) * sqrt(X) + abs(W) * sqrt(G)"  # G: the top rung prunes with the cached gradients
     top = evaluator.evaluate(Formula(formula), "top")
     one_shot = evaluator.evaluate(Formula(formula), "ppl")
     assert all(torch.equal(v, dense[k]) for k, v in evaluator.model.state_dict().items())
@@ -151,7 +151,7 @@ def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, top_
             model, _ = load_model(settings.model)
             calibrate_and_prune(
                 model, with_update(Formula(formula), update), spec, calib_tokens,
-                Calibration("c4", 4, 32, 0, one_pass=top_rung == "one-pass"), sequential=sequential, progress=False,
+                Calibration("c4", 4, 32, 0, sequential=sequential, one_pass=top_rung == "one-pass"), progress=False,
             )  # fmt: skip
             if sequential:
                 expected[label] = perplexity(model, windows, progress=False)["ppl"]
@@ -161,6 +161,31 @@ def test_a_sequential_top_rung_equals_the_cores_sequential_driver(settings, top_
     assert top["reason"] is None and top["values"] == pytest.approx(expected, rel=1e-5)
     assert one_shot["values"] == pytest.approx(one_shot_base, rel=1e-5)
     assert expected != pytest.approx(one_shot_top, rel=1e-3)  # the two protocols differ here
+
+
+def test_an_evaluator_from_a_shipment_reads_no_file_and_equals_one_from_files(settings, tmp_path):
+    """What the driver ships (pickled, as through Ray's object store) builds an evaluator whose settings
+    name a model, cache and data folder that do not exist, and it scores as one built from the files."""
+    import pickle
+
+    from fitness.setup import prepare_shipment
+
+    settings = replace(
+        settings, patterns=("0.5", "2:4"), fitness_windows=2, top_windows=3, top_rung="sequential"
+    )
+    shipped = pickle.loads(pickle.dumps(prepare_shipment(settings)))
+    void = tmp_path / "void"
+    nowhere = replace(
+        settings, model=str(void / "model"), cache_dir=str(void / "cache"), data_dir=str(void / "data")
+    )
+    from_shipment = build_evaluator(nowhere, shipment=shipped)
+    from_files = build_evaluator(settings)
+    assert not void.exists()  # nothing was written there (and nothing could be read)
+    for formula, fidelity in [("abs(W) * sqrt(X)", "proxy"), ("abs(W) * G", "ppl"), ("abs(W) / H + X", "top"),
+                              ("sqrt(G) * abs(W)", "top")]:  # fmt: skip
+        got = from_shipment.evaluate(FormulaScorer(formula), fidelity)
+        want = from_files.evaluate(FormulaScorer(formula), fidelity)
+        assert got["reason"] is None and got["values"] == want["values"], (formula, fidelity)
 
 
 @pytest.mark.parametrize(

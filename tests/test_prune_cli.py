@@ -84,27 +84,38 @@ def test_other_scorers_and_patterns(scorer, extra, tiny_model_dir, tmp_path):
     assert result["ppl"] > 1
 
 
-def test_one_pass_flag_prunes_with_the_one_pass_driver(tiny_model_dir, tmp_path, data_dir):
-    """``prune --one-pass`` saves the weights ``prune_model(walk=Walk(one_pass=True))`` gives on the same
-    calibration windows, which differ from the default two-pass driver's."""
+WALKS = {  # prune's flags -> the walk the core's driver must take (one-shot: every block from dense inputs)
+    "two-pass": ((), {}),
+    "one-pass": (("--one-pass",), {"one_pass": True}),
+}
+
+
+@pytest.mark.parametrize("walk", sorted(WALKS))
+def test_prune_uses_the_sequential_driver_it_is_asked_for(walk, tiny_model_dir, tmp_path, data_dir):
+    """``prune`` (two passes per block by default, one with ``--one-pass``) saves the weights
+    ``prune_model`` gives on the same calibration windows with that walk, and they differ from the
+    other walks' (the other sequential one, and one-shot from the dense model's statistics)."""
     from pruning_core.data import calibration_windows
     from pruning_core.scorers import SparsitySpec, get_scorer
     from pruning_core.sequential import Walk, prune_model
 
     model_dir = tiny_model_dir("llama")
-    prune_json(model_dir, "--scorer", "wanda", "--one-pass", "--save", str(tmp_path / "one-pass"))
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "one-pass").eval()
-    model, tokenizer = load_model(str(model_dir))
+    flags, _ = WALKS[walk]
+    prune_json(model_dir, "--scorer", "wanda", *flags, "--save", str(tmp_path / "pruned"))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval().state_dict()
+    _, tokenizer = load_model(str(model_dir))
     windows = calibration_windows(tokenize_corpus(tokenizer, load_rows("c4", data_dir)), 4, 32, 0)
-    prune_model(
-        model, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(one_pass=True, progress=False)
-    )
-    reference = load_model(str(model_dir))[0]
-    prune_model(reference, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=Walk(progress=False))
-    two_pass = reference.state_dict()
-    for name, weight in model.state_dict().items():
-        assert torch.equal(saved.state_dict()[name], weight), name
-    assert any(not torch.equal(w, two_pass[n]) for n, w in model.state_dict().items())
+    walks = {name: Walk(progress=False, **options) for name, (_, options) in WALKS.items()}
+    walks["one-shot"] = Walk(sequential=False, progress=False)
+    weights = {}
+    for name, how in walks.items():
+        model = load_model(str(model_dir))[0]
+        prune_model(model, get_scorer("wanda"), SparsitySpec(0.5), windows, walk=how)
+        weights[name] = model.state_dict()
+    for name, weight in weights[walk].items():
+        assert torch.equal(saved[name], weight), name
+    for other in set(walks) - {walk}:
+        assert any(not torch.equal(w, weights[other][n]) for n, w in weights[walk].items()), other
 
 
 # Each method's comparison group in its authors' released code (per row = one quota per output).

@@ -18,6 +18,7 @@ import pytest
 import torch
 from ray import cloudpickle
 from search_fixtures import (
+    actor_places,
     candidate_rows,
     descendants,
     evaluator_settings,
@@ -145,7 +146,11 @@ def test_killed_actors_change_nothing(reference, search_model, search_cache, tmp
     def kill_actors(event, **info):
         if event == "result" and info["label"] == "gen 1" and not killed:
             pool = info["pool"]
-            targets = (pool.where(busy_only=True) or pool.where())[:1] if victims == "one" else pool.where()
+            targets = (
+                (actor_places(pool, busy_only=True) or actor_places(pool))[:1]
+                if victims == "one"
+                else actor_places(pool)
+            )
             for target in targets:
                 os.kill(target["pid"], signal.SIGKILL)
                 killed.append(target["pid"])
@@ -166,7 +171,7 @@ def test_a_job_that_reaches_actors_already_dead_runs_on_a_fresh_one(local_ray, s
     try:
         jobs = [dispatch.Job("abs(W) * X", "proxy"), dispatch.Job("abs(W)", "proxy")]
         before = pool.run(jobs)
-        victims = [psutil.Process(w["pid"]) for w in pool.where()]
+        victims = [psutil.Process(w["pid"]) for w in actor_places(pool)]
         assert len(victims) == 2
         for victim in victims:
             victim.send_signal(signal.SIGKILL)
@@ -202,12 +207,12 @@ def test_an_actor_that_cannot_be_placed_is_given_up_and_the_others_take_its_jobs
         jobs = [dispatch.Job(f, "proxy") for f in ("abs(W) * X", "abs(W)", "sqrt(X) * abs(W)")]
         before = pool.run(jobs)
         pool.placement_timeout = 5.0  # once the first actors are up (their start takes longer here)
-        victim, survivor = pool.where()
+        victim, survivor = actor_places(pool)
         groups.append(kill_and_hold_its_cpu(victim))
         after = pool.run(jobs)
         assert [r["fitness"] for r in after] == [r["fitness"] for r in before]
         assert all(r["reason"] is None for r in after)
-        assert [w["pid"] for w in pool.where()] == [survivor["pid"]]  # the replacement never came up
+        assert [w["pid"] for w in actor_places(pool)] == [survivor["pid"]]  # the replacement never came up
         time.sleep(5.0)
         assert pool.run(jobs[:1])[0]["fitness"] == before[0]["fitness"]
         assert pool.unplaced == 1  # given up (after 5 s), so it takes no CPU that frees up later

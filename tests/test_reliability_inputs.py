@@ -127,6 +127,30 @@ def test_bad_flag_for_a_resume(case, workspace, capfd):
     assert_refused(capfd, workspace, search_main, ["--resume", "runs/existing", "--quiet", *flags], words)
 
 
+RUNTIME_ENVS = {
+    "missing": (None, "cannot read it"),
+    "not-json": ("{pip: [x]", "is not JSON"),
+    "not-an-object": ('["metric-search"]', "holds a JSON list, not an object"),
+    "not-a-runtime-env": ('{"pip": 3}', "is not a valid Ray runtime_env"),
+}
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
+@pytest.mark.parametrize("case", sorted(RUNTIME_ENVS))
+def test_bad_runtime_env_file(case, resume, workspace, search_model, capfd):
+    text, words = RUNTIME_ENVS[case]
+    path = workspace.parent / f"{case}.json"
+    if text is not None:
+        path.write_text(text)
+    flags = ["--runtime-env", str(path)]
+    argv = (
+        ["--resume", "runs/existing", "--quiet", *flags]
+        if resume
+        else new_run(workspace, search_model, *flags)
+    )
+    assert_refused(capfd, workspace, search_main, argv, words)
+
+
 @pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
 def test_address_where_nothing_listens_fails_fast(resume, workspace, search_model, capfd):
     flags = ["--address", f"127.0.0.1:{free_port()}"]

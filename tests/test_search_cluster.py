@@ -1,5 +1,6 @@
 """A short search on a two-node local Ray cluster (`ray.cluster_utils.Cluster`), joined the way
-`--address HOST:PORT` joins one: the actors land on both nodes and the run completes."""
+`--address HOST:PORT` joins one: the actors land on both nodes and the run completes; a worker node with
+no model, data or cache runs the same search from what the driver ships through Ray's object store."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 from conftest import make_tiny_model
+from search_fixtures import actor_places, outcome, run_in_process
 
 from fitness.setup import EvaluatorSettings, build_evaluator
 from metric_search import cluster, rundir
@@ -58,6 +60,92 @@ def test_search_spreads_over_two_nodes(two_nodes, tokenizer_dir, tmp_path):
     assert hall["entries"][0]["formula"] == state.hall_of_fame[0]
 
 
+def test_a_worker_node_without_model_data_or_cache_runs_the_same_search(tokenizer_dir, tmp_path, monkeypatch):
+    """The driver prepares the model, statistics and windows once and ships them; the model folder and the
+    cache are moved away before any actor starts, and the actors' node has a bogus data folder in its
+    environment: the hall of fame, every result and the last population equal a one-node run's."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from transformers import AutoTokenizer
+
+    from fitness import setup
+
+    model = tmp_path / "tiny"
+    make_tiny_model("llama", 1).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model)
+    evaluator = EvaluatorSettings(model=str(model), cache_dir=str(tmp_path / "cache"), nsamples=4, calib_seqlen=32,
+                                  fitness_windows=2, fitness_seqlen=32, top_windows=4)  # fmt: skip
+    settings = SearchSettings(
+        generations=2, population=8, seed=3, confirm=2, final_top=0, evaluator=evaluator
+    )
+    assert cluster.connect(None, num_cpus=2) is True
+    try:
+        run_in_process(settings, tmp_path / "one-node", workers=2)
+    finally:
+        ray.shutdown()
+
+    prepare = setup.prepare_shipment
+
+    def prepare_then_hide_the_files(*args, **kwargs):
+        shipment = prepare(*args, **kwargs)
+        model.rename(tmp_path / "model-gone")
+        (tmp_path / "cache").rename(tmp_path / "cache-gone")
+        return shipment
+
+    monkeypatch.setattr(setup, "prepare_shipment", prepare_then_hide_the_files)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the actors go to the worker
+    nodes.add_node(num_cpus=2, env_vars={"METRIC_SEARCH_DATA_DIR": str(tmp_path / "no-data-here")})
+    try:
+        assert cluster.connect(nodes.address, num_cpus=None) is True
+        execution = ExecutionSettings(workers=2, address=nodes.address, progress=False)
+        run_dir = tmp_path / "two-nodes"
+        start_run(settings, run_dir, "two-nodes", execution)
+        Search(settings, execution, run_dir).run()
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    assert not model.exists() and (tmp_path / "model-gone").is_dir()
+    assert outcome(run_dir) == outcome(tmp_path / "one-node")
+
+
+def test_the_embedded_ray_never_joins_a_cluster_left_running_on_the_machine(two_nodes):
+    """Without --address the search starts its own loopback Ray, although `ray start` (here the
+    two-node cluster) left an address for a plain ``ray.init()`` to find."""
+    import ray
+
+    assert cluster.connect(None, num_cpus=2) is True
+    try:
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        assert [node["NodeManagerAddress"] for node in nodes] == ["127.0.0.1"]
+        assert ray.cluster_resources()["CPU"] == 2.0  # not the two-node cluster's 1 + 1
+        assert ray.get_runtime_context().gcs_address != two_nodes.address
+    finally:
+        ray.shutdown()
+
+
+def test_a_runtime_env_file_reaches_every_actor(tmp_path, search_model):
+    """--runtime-env FILE.json: read by the CLI, passed to Ray as the job's default for every actor."""
+    import os
+
+    import ray
+
+    from metric_search.cli import plan_search
+
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps({"env_vars": {"METRIC_SEARCH_PROBE": "shipped"}}))
+    plan = plan_search(
+        ["--model", str(search_model), "--runtime-env", str(path), "--run-dir", str(tmp_path / "r")]
+    )
+    assert plan.execution.runtime_env == {"env_vars": {"METRIC_SEARCH_PROBE": "shipped"}}
+    assert cluster.connect(None, 1, runtime_env=plan.execution.runtime_env) is True
+    try:
+        probe = ray.remote(num_cpus=0)(lambda: os.environ.get("METRIC_SEARCH_PROBE"))
+        assert ray.get(probe.remote()) == "shipped"
+        assert "METRIC_SEARCH_PROBE" not in os.environ  # the driver's own environment is untouched
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.parametrize(
     "workers, threads, per_gpu, device, resources, expected",
     [
@@ -89,7 +177,7 @@ def test_two_actors_per_gpu_on_two_gpus_are_four_half_gpu_actors(tmp_path, token
     evaluator = EvaluatorSettings(model=str(model), cache_dir=str(tmp_path / "cache"), nsamples=4, calib_seqlen=32,
                                   fitness_windows=2, fitness_seqlen=32, device="cpu")  # fmt: skip
     build_evaluator(evaluator)  # statistics cached once for all actors
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
     try:
         workers, share = cluster.actor_layout(None, 1, 2, None, ray.cluster_resources())
         assert (workers, share) == (4, 0.5)
@@ -101,7 +189,7 @@ def test_two_actors_per_gpu_on_two_gpus_are_four_half_gpu_actors(tmp_path, token
             assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 4 x 0.5 placed
             results = pool.run([Job("abs(W) * X", "proxy"), Job("abs(W)", "proxy")])
             assert all(r["reason"] is None for r in results)
-            shares = [w["resources"].get("GPU") for w in pool.where()]
+            shares = [w["resources"].get("GPU") for w in actor_places(pool)]
             assert shares and all(s == pytest.approx(0.5) for s in shares)
         finally:
             pool.shutdown()
@@ -114,7 +202,7 @@ def test_a_pool_the_cluster_cannot_hold_names_the_flag_that_helps():
 
     from metric_search.dispatch import EvaluatorPool, PoolError
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         with pytest.raises(
             PoolError, match=r"need 8 CPU but the Ray cluster has 4; pass fewer --workers or --threads"

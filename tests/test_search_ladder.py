@@ -174,6 +174,44 @@ def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_pa
     assert len(tuned) == len(population) and good in keys and bad not in keys and worst not in keys
 
 
+def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_steps_are_spent(tmp_path):
+    from collections import Counter
+
+    from primitives.tuning import constant_neighbours
+
+    search = new_search(tmp_path, tune=2, population=6)
+    texts = ("abs(W) * X", "sqrt(X) * abs(W)", "abs(W)", "abs(W) * H", "U", "abs(W) + X")
+    population = [search.engine.from_text(t) for t in texts]
+    search._register(population, 0)
+    head, second, worst = (canonical_key(t) for t in ("abs(W) * X", "sqrt(X) * abs(W)", "U"))
+    spent = [canonical_key(t) for t in constant_neighbours(head)]
+    search._register([search.engine.from_text(t) for t in constant_neighbours(head)], 0)
+    for key, entry in search.state.candidates.items():
+        ppl = {head: 40.0, second: 42.0, worst: 90.0}.get(key, 50.0)
+        entry.update(proxy={"fitness": 0.5, "reason": None}, ppl={"fitness": ppl, "reason": None})
+    search.state.candidates[head]["top"] = {"fitness": 40.0, "reason": None}
+    search.state.candidates[second]["top"] = {"fitness": 44.0, "reason": None}
+    search.state.hall_of_fame = [head, second]
+    steps = [k for k in (canonical_key(t) for t in constant_neighbours(second)) if k not in spent]
+    good, bad = steps[:2]  # the second's first two steps the head's tuning has not measured
+    values = {(good, "ppl"): 41.0, (good, "top"): 43.0, (bad, "ppl"): 45.0}  # good: beats the second only
+    pool = FakePool(values=values)
+
+    tuned = search._tune(population, 1, _Evaluations(pool, Memo(), False), Counter())
+
+    assert sorted(pool.jobs) == sorted(
+        [(good, "proxy"), (good, "ppl"), (good, "top"), (bad, "proxy"), (bad, "ppl")]
+    )
+    keys = [ind.canonical for ind in tuned]
+    assert good in keys and bad not in keys and worst not in keys
+
+    search._register([search.engine.from_text(t) for t in constant_neighbours(second)], 1)
+    for key in steps[2:]:  # every step of both measured: nothing left to tune
+        search.state.candidates[key].update(ppl={"fitness": 60.0, "reason": None})
+    pool = FakePool()
+    assert search._tune(tuned, 2, _Evaluations(pool, Memo(), False), Counter()) == tuned and not pool.jobs
+
+
 def test_a_timed_out_formula_is_retried_on_resume_and_only_then(tmp_path):
     from collections import Counter
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def one_shot_ppl(model_path, cache, formula: str, rung: str = "ppl") -> float:
     (the top rung's 16 spread windows, or the base rung's first and middle one of them): no fitness code."""
     model, tokenizer = load_model(str(model_path))
     calibrate_and_prune(model, FormulaScorer(formula), SparsitySpec(0.5),
-                        tokenize_corpus(tokenizer, load_rows("c4")), CALIBRATION, cache_root=Path(cache), sequential=False, progress=False)  # fmt: skip
+                        tokenize_corpus(tokenizer, load_rows("c4")), replace(CALIBRATION, sequential=False), cache_root=Path(cache), progress=False)  # fmt: skip
     corpus = make_windows(tokenize_corpus(tokenizer, load_rows("wikitext2-valid")), 32)
     middles = spread_middles(corpus.shape[0], 16)
     read = middles if rung == "top" else [middles[0], middles[8]]

@@ -245,14 +245,18 @@ def test_the_ladder_promotes_the_best_of_the_rung_below():
     assert to_promote(keys, candidates, "ppl", 5) == [k for _, k in expected[:5]]
 
 
-def test_the_top_rung_takes_only_contenders_by_base_perplexity():
-    base = [30.0, 10.0, 20.0, 50.0, 40.0, 60.0, 5.0, 70.0]
-    candidates = {f"k{i}": entry(0.1, ppl) for i, ppl in enumerate(base)}
-    candidates["k6"]["top"] = {"fitness": 6.0, "reason": None}  # the best already climbed
-    eligible = sorted(base)[:TOP_ELIGIBLE_RANK]  # rank counts every measured formula, climbed or not
-    expected = sorted((candidates[k]["ppl"]["fitness"], k) for k in candidates if k != "k6")
-    expected = [k for ppl, k in expected if ppl <= eligible[-1]]
-    assert to_promote(list(candidates), candidates, "top", 10) == expected
+@pytest.mark.parametrize("measured, eligible_rank", [(8, TOP_ELIGIBLE_RANK), (40, 10), (41, 11)])
+def test_the_top_rung_takes_only_contenders_by_base_perplexity(measured, eligible_rank):
+    """Eligible: base perplexity among the best quarter of all measured, and never fewer than the best 5."""
+    base = random.Random(measured).sample(range(10, 1000), measured)
+    candidates = {f"k{i}": entry(0.1, float(ppl)) for i, ppl in enumerate(base)}
+    best = min(candidates, key=lambda k: candidates[k]["ppl"]["fitness"])
+    candidates[best]["top"] = {"fitness": 6.0, "reason": None}  # the best already climbed
+    bar = sorted(base)[eligible_rank - 1]  # rank counts every measured formula, climbed or not
+    expected = sorted((candidates[k]["ppl"]["fitness"], k) for k in candidates if k != best)
+    expected = [k for ppl, k in expected if ppl <= bar]
+    assert len(expected) == eligible_rank - 1
+    assert to_promote(list(candidates), candidates, "top", 100) == expected
     assert to_promote(list(candidates), candidates, "top", 2) == expected[:2]
 
 
