@@ -17,6 +17,7 @@ from deap import gp
 from primitives.grammar import parse_formula
 from primitives.kernels import k_pow
 from primitives.ops import CONSTANTS, OPS, POWER_PRIMITIVES
+from primitives.printer import format_formula
 from primitives.terminals import TERMINALS
 from primitives.tree import Call, Const, Expr, Term, const
 from pruning_core.errors import UsageError
@@ -64,6 +65,10 @@ def deap_to_tree(individual) -> Expr:
     if end != len(nodes):
         raise ValueError(f"DEAP tree has {len(nodes) - end} nodes after its root expression")
     return tree
+
+
+def deap_to_text(individual) -> str:
+    return format_formula(deap_to_tree(individual))
 
 
 # --- tree -> DEAP ------------------------------------------------------------------------------

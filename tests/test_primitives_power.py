@@ -15,7 +15,7 @@ from primitives import canonical_key, format_formula, parse_formula
 from primitives.compile import CompiledFormula
 from primitives.kernels import k_pow
 from primitives.ops import POWER_EXPONENTS
-from primitives.pset import deap_to_tree, make_pset, tree_to_deap
+from primitives.pset import deap_to_text, deap_to_tree, make_pset, tree_to_deap
 from primitives.symbolic import to_sympy
 from primitives.terminals import SYMBOLS
 from primitives.tree import Call, Const, Term, depth, size
@@ -77,7 +77,7 @@ def test_each_primitive_is_a_pow_node_and_comes_back():
         assert deap_to_tree(individual) == tree
         assert parse_formula(format_formula(tree)) == tree
         assert parse_formula(str(individual)) == tree  # DEAP's printing: pow1_3(X)
-        assert tree_to_deap(format_formula(deap_to_tree(individual)), pset) == individual
+        assert tree_to_deap(deap_to_text(individual), pset) == individual
 
 
 def test_powers_and_their_inverses_map_to_primitives():
@@ -119,7 +119,7 @@ def test_random_gp_trees_round_trip_losslessly():
     for seed in range(200):
         random.seed(seed)
         individual = gp.PrimitiveTree(gp.genHalfAndHalf(pset, 1, 3))
-        text = format_formula(deap_to_tree(individual))
+        text = deap_to_text(individual)
         back = tree_to_deap(text, pset)
         assert back == individual, text
         assert canonical_key(deap_to_tree(back)) == canonical_key(text), text
