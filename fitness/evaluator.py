@@ -117,6 +117,9 @@ class Evaluator:
                 raise ValueError(f"a {config.top_rung} top rung needs the calibration and its tokens")
             self.calib_windows = calibration_windows(inputs.calib_tokens, c.nsamples, c.seqlen, c.seed)
         self.linears = prunable_linears(model)
+        # for a sequential top rung: G of the cached statistics, the dense model's gradients on these very
+        # calibration windows (what prune's calibrate_and_prune computes, or reads from its cache)
+        self.gradients = {name: stats.linear_stats(name)["G"] for name in self.linears}
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(linear.weight.shape[0], generator=generator)[:PROXY_ROWS].to(
@@ -331,12 +334,9 @@ class Evaluator:
         walk = Walk(
             True, c.batch_size, c.offload, progress=False, one_pass=self.config.top_rung == "one-pass"
         )
-        # G of the cached statistics: the dense model's gradients on these very calibration windows,
-        # what prune's calibrate_and_prune would compute (or read from its cache) for this calibration
-        gradients = {name: self.stats.linear_stats(name)["G"] for name in self.linears}
         prune_model(
             self.model, with_update(_Deadlined(scorer, self._check_deadline, deadline), self.config.update),
-            spec, self.calib_windows, gradients=gradients, walk=walk,
+            spec, self.calib_windows, gradients=self.gradients, walk=walk,
         )  # fmt: skip
 
     def _measure(self, scorer, fidelity: str, deadline: float) -> dict[str, float]:
