@@ -31,19 +31,41 @@ RESUMABLE = {
 }  # fmt: skip
 
 
-# Defaults that do not depend on the profile: the settings dataclasses' own (help text and pick read them).
-SEARCH_DEFAULTS = SearchSettings(generations=0, population=0)
-EVALUATOR_DEFAULTS = SEARCH_DEFAULTS.evaluator
+# Flags that set one settings field, by argparse dest: the field of SearchSettings, of its EvaluatorSettings
+# or of ExecutionSettings. A flag left out keeps its profile's value; help texts show the profiles' values.
+SEARCH_FIELDS = {name: name for name in (
+    "generations", "population", "seed", "cx_prob", "mut_prob", "tournament", "elite", "hof_size", "max_depth",
+    "max_size", "confirm", "promote", "tune", "final_top", "final_windows",
+)}  # fmt: skip
+EVALUATOR_FIELDS = {
+    "calib": "calib", "nsamples": "nsamples", "seqlen": "calib_seqlen", "calib_seed": "calib_seed",
+    "group": "group", "fitness_data": "fitness_data", "fitness_windows": "fitness_windows",
+    "top_windows": "top_windows", "fitness_seqlen": "fitness_seqlen", "update": "update", "top_rung": "top_rung",
+    "fitness_batch": "batch_size", "window_order": "window_order", "candidate_timeout": "timeout_s",
+}  # fmt: skip
+EXECUTION_FIELDS = {name: name for name in ("threads", "actors_per_gpu", "candidate_timeout")}
 
 
-def _both(name: str) -> str:
-    """Help text of a profile default, from the profiles themselves (so it cannot drift)."""
-    return ", ".join(
-        f"{profile} {values[name]:g}"
-        if isinstance(values[name], int | float)
-        else f"{profile} {values[name]}"
-        for profile, values in PROFILES.items()
-    )
+def _profile_value(profile, dest: str):
+    if dest in SEARCH_FIELDS:
+        return getattr(profile.search, SEARCH_FIELDS[dest])
+    if dest in EVALUATOR_FIELDS:
+        return getattr(profile.search.evaluator, EVALUATOR_FIELDS[dest])
+    if dest in EXECUTION_FIELDS:
+        return getattr(profile.execution, EXECUTION_FIELDS[dest])
+    return getattr(profile.search, dest)  # a field no single flag sets, e.g. init_min_depth
+
+
+def _default(dest: str) -> str:
+    """A flag's default for its help text, read from the profiles (so it cannot drift): one value when
+    the profiles agree, else each profile's."""
+    shown = {
+        name: f"{value:g}" if isinstance(value, float) else str(value)
+        for name, value in ((name, _profile_value(profile, dest)) for name, profile in PROFILES.items())
+    }
+    if len(set(shown.values())) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{name} {text}" for name, text in shown.items())
 
 
 def search_parser() -> OneLineParser:
@@ -63,31 +85,31 @@ def search_parser() -> OneLineParser:
 
 def _evolution_flags(g) -> None:
     """What to evolve: the GP's sizes, operators and initial formulas."""
-    g.add_argument("--generations", type=int, help=_both("generations"))
-    g.add_argument("--population", type=int, help=_both("population"))
-    g.add_argument("--seed", type=int, help=f"fixes the whole search (default {SEARCH_DEFAULTS.seed})")
+    g.add_argument("--generations", type=int, help=_default("generations"))
+    g.add_argument("--population", type=int, help=_default("population"))
+    g.add_argument("--seed", type=int, help=f"fixes the whole search (default {_default('seed')})")
     g.add_argument(
-        "--cx-prob", type=float, help=f"subtree crossover probability per pair ({SEARCH_DEFAULTS.cx_prob:g})"
+        "--cx-prob", type=float, help=f"subtree crossover probability per pair ({_default('cx_prob')})"
     )
     g.add_argument(
         "--mut-prob",
         type=float,
-        help=f"mutation probability per child: subtree/point/shrink ({SEARCH_DEFAULTS.mut_prob:g})",
+        help=f"mutation probability per child: subtree/point/shrink ({_default('mut_prob')})",
     )
-    g.add_argument("--tournament", type=int, help=f"tournament size ({SEARCH_DEFAULTS.tournament})")
+    g.add_argument("--tournament", type=int, help=f"tournament size ({_default('tournament')})")
     g.add_argument(
         "--elite",
         type=int,
-        help=f"best distinct formulas kept unchanged each generation ({SEARCH_DEFAULTS.elite})",
+        help=f"best distinct formulas kept unchanged each generation ({_default('elite')})",
     )
-    g.add_argument("--hof-size", type=int, help=f"hall of fame size ({SEARCH_DEFAULTS.hof_size})")
+    g.add_argument("--hof-size", type=int, help=f"hall of fame size ({_default('hof_size')})")
     g.add_argument(
         "--init-depth",
         help="ramped half-and-half depth range MIN:MAX "
-        f"({SEARCH_DEFAULTS.init_min_depth}:{SEARCH_DEFAULTS.init_max_depth})",
+        f"({_default('init_min_depth')}:{_default('init_max_depth')})",
     )
-    g.add_argument("--max-depth", type=int, help=f"bloat control: deepest tree ({SEARCH_DEFAULTS.max_depth})")
-    g.add_argument("--max-size", type=int, help=f"bloat control: most nodes ({SEARCH_DEFAULTS.max_size})")
+    g.add_argument("--max-depth", type=int, help=f"bloat control: deepest tree ({_default('max_depth')})")
+    g.add_argument("--max-size", type=int, help=f"bloat control: most nodes ({_default('max_size')})")
     g.add_argument(
         "--seed-formulas",
         help=f"initial formulas: comma list of known names or formula texts, or none ({DEFAULT_SEEDS})",
@@ -102,13 +124,13 @@ def _fitness_flags(f) -> None:
     )
     f.add_argument("--sparsity", type=float, help="one unstructured setting instead of --settings")
     f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
-    f.add_argument("--group", help=f"row or matrix ({EVALUATOR_DEFAULTS.group})")
+    f.add_argument("--group", help=f"row or matrix ({_default('group')})")
     f.add_argument(
         "--update",
         help="weight update after each candidate's mask: none, obs (SparseGPT's update for a fixed "
         "mask: the search then looks for the best mask for that update) or adaptive (the candidate "
         "re-chooses each span's mask inside that update: the search looks for a selection criterion "
-        f"like SparseGPT's) ({EVALUATOR_DEFAULTS.update})",
+        f"like SparseGPT's) ({_default('update')})",
     )
     f.add_argument(
         "--top-rung",
@@ -117,57 +139,57 @@ def _fitness_flags(f) -> None:
         "lower rungs), sequential (the pruning core's sequential driver, the protocol users prune with "
         "and the final check measures; ~4x the cost on CPU) or one-pass (that driver at one pass per "
         "block, each linear pruned as its input arrives: ranks formulas as sequential does at about half "
-        f"its calibration cost, but judges Wanda ~5%% worse) ({_both('top_rung')})",
+        f"its calibration cost, but judges Wanda ~5%% worse) ({_default('top_rung')})",
     )
-    f.add_argument("--calib", help=f"calibration corpus ({EVALUATOR_DEFAULTS.calib})")
-    f.add_argument("--nsamples", type=int, help=f"calibration windows ({_both('nsamples')})")
-    f.add_argument("--seqlen", type=int, help=f"calibration window length ({_both('seqlen')})")
-    f.add_argument(
-        "--calib-seed", type=int, help=f"calibration sampling seed ({EVALUATOR_DEFAULTS.calib_seed})"
-    )
-    f.add_argument("--fitness-data", help=f"fitness corpus ({EVALUATOR_DEFAULTS.fitness_data})")
+    f.add_argument("--calib", help=f"calibration corpus ({_default('calib')})")
+    f.add_argument("--nsamples", type=int, help=f"calibration windows ({_default('nsamples')})")
+    f.add_argument("--seqlen", type=int, help=f"calibration window length ({_default('seqlen')})")
+    f.add_argument("--calib-seed", type=int, help=f"calibration sampling seed ({_default('calib_seed')})")
+    f.add_argument("--fitness-data", help=f"fitness corpus ({_default('fitness_data')})")
     f.add_argument(
         "--fitness-windows",
         type=int,
-        help=f"perplexity windows of the base rung ({_both('fitness_windows')})",
+        help=f"perplexity windows of the base rung ({_default('fitness_windows')})",
     )
     f.add_argument(
-        "--top-windows", type=int, help=f"perplexity windows of the top rung ({_both('top_windows')})"
+        "--top-windows", type=int, help=f"perplexity windows of the top rung ({_default('top_windows')})"
     )
     f.add_argument(
-        "--fitness-seqlen", type=int, help=f"tokens per fitness window ({_both('fitness_seqlen')})"
+        "--fitness-seqlen", type=int, help=f"tokens per fitness window ({_default('fitness_seqlen')})"
     )
     f.add_argument(
         "--window-order",
         choices=WINDOW_ORDERS,
         help="which fitness windows the rungs read: spread (evenly over the whole corpus, so a few "
-        f"articles cannot decide) or first (the first ones, as earlier runs) ({EVALUATOR_DEFAULTS.window_order})",
+        f"articles cannot decide) or first (the first ones, as earlier runs) ({_default('window_order')})",
     )
     f.add_argument(
-        "--fitness-batch", type=int, help=f"fitness windows per forward pass ({_both('fitness_batch')})"
+        "--fitness-batch", type=int, help=f"fitness windows per forward pass ({_default('fitness_batch')})"
     )
     f.add_argument("--no-multi-fidelity", action="store_true", help="every new formula gets base perplexity")
     f.add_argument(
-        "--confirm", type=int, help=f"formulas per generation given base perplexity ({_both('confirm')})"
+        "--confirm", type=int, help=f"formulas per generation given base perplexity ({_default('confirm')})"
     )
     f.add_argument(
-        "--promote", type=int, help=f"formulas per generation promoted to the top rung ({_both('promote')})"
+        "--promote",
+        type=int,
+        help=f"formulas per generation promoted to the top rung ({_default('promote')})",
     )
     f.add_argument(
         "--tune",
         type=int,
         help=f"constant-tuning variants per generation of the best formula at the top rung with untried steps "
-        f"({_both('tune')}; 0: off)",
+        f"({_default('tune')}; 0: off)",
     )
     f.add_argument(
         "--final-top",
         type=int,
-        help=f"hall-of-fame formulas checked against Wanda at the end ({_both('final_top')}; 0: none)",
+        help=f"hall-of-fame formulas checked against Wanda at the end ({_default('final_top')}; 0: none)",
     )
     f.add_argument(
         "--final-windows",
         type=int,
-        help=f"WikiText-2 valid windows of that final check ({_both('final_windows')})",
+        help=f"WikiText-2 valid windows of that final check ({_default('final_windows')})",
     )
 
 
@@ -176,15 +198,15 @@ def _execution_flags(r) -> None:
     r.add_argument(
         "--workers",
         type=int,
-        help=f"evaluator actors (cpu {PROFILES['cpu']['workers']}; with GPUs or --address: every GPU x "
+        help=f"evaluator actors (cpu {PROFILES['cpu'].execution.workers}; with GPUs or --address: every GPU x "
         "--actors-per-gpu, or on CPUs as many --threads actors as the cluster holds)",
     )
     r.add_argument(
         "--actors-per-gpu",
         type=int,
-        help=f"actors sharing each GPU, each reserving 1/N of it ({_both('actors_per_gpu')})",
+        help=f"actors sharing each GPU, each reserving 1/N of it ({_default('actors_per_gpu')})",
     )
-    r.add_argument("--threads", type=int, help=f"torch threads per actor ({_both('threads')})")
+    r.add_argument("--threads", type=int, help=f"torch threads per actor ({_default('threads')})")
     r.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: local Ray on loopback)")
     r.add_argument(
         "--runtime-env",
@@ -193,7 +215,7 @@ def _execution_flags(r) -> None:
         '(e.g. {"pip": ["metric-search"]} or {"working_dir": "."})',
     )
     r.add_argument(
-        "--candidate-timeout", type=float, help=f"seconds per candidate ({_both('candidate_timeout')})"
+        "--candidate-timeout", type=float, help=f"seconds per candidate ({_default('candidate_timeout')})"
     )
     r.add_argument("--no-preflight", action="store_true", help="skip loading the model in the driver first")
     r.add_argument("--run-dir", help="run directory (default runs/<run-id>)")
@@ -211,13 +233,18 @@ def explicit_flags(parser, argv: list[str]) -> set[str]:
     return given
 
 
-def _init_depth(text: str | None) -> tuple[int, int]:
+def _init_depth(text: str | None, search: SearchSettings) -> tuple[int, int]:
     if text is None:
-        return SEARCH_DEFAULTS.init_min_depth, SEARCH_DEFAULTS.init_max_depth
+        return search.init_min_depth, search.init_max_depth
     parts = text.split(":")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"--init-depth must be MIN:MAX with integers (e.g. 1:3), got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def _given(args, table: dict[str, str]) -> dict:
+    """The fields of ``table`` the command line sets; a flag left out keeps the profile's value."""
+    return {field: getattr(args, dest) for dest, field in table.items() if getattr(args, dest) is not None}
 
 
 def split_formulas(text: str | None) -> list[str]:
@@ -254,49 +281,21 @@ def resolve_seed_formulas(items: list[str]) -> tuple[str, ...]:
 
 
 def settings_from_args(args) -> SearchSettings:
-    from fitness.setup import EvaluatorSettings
     from pruning_core.data import CORPORA
 
-    profile = PROFILES[args.profile]
-
-    def pick(name, default):
-        value = getattr(args, name)
-        return default if value is None else value
-
-    patterns = _patterns(args)
-    for flag, name in (
-        ("--calib", pick("calib", EVALUATOR_DEFAULTS.calib)),
-        ("--fitness-data", pick("fitness_data", EVALUATOR_DEFAULTS.fitness_data)),
-    ):
+    profile = PROFILES[args.profile].search
+    evaluator = replace(
+        profile.evaluator, **_given(args, EVALUATOR_FIELDS), model=args.model, dtype=args.dtype,
+        device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir, patterns=_patterns(args),
+    )  # fmt: skip
+    for flag, name in (("--calib", evaluator.calib), ("--fitness-data", evaluator.fitness_data)):
         if name not in CORPORA:
             raise UsageError(f"unknown {flag} {name!r}; choose one of: {', '.join(CORPORA)}")
-    evaluator = EvaluatorSettings(
-        model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
-        calib=pick("calib", EVALUATOR_DEFAULTS.calib), nsamples=pick("nsamples", profile["nsamples"]),
-        calib_seqlen=pick("seqlen", profile["seqlen"]), calib_seed=pick("calib_seed", EVALUATOR_DEFAULTS.calib_seed), patterns=patterns,
-        group=pick("group", EVALUATOR_DEFAULTS.group), fitness_data=pick("fitness_data", EVALUATOR_DEFAULTS.fitness_data),
-        fitness_windows=pick("fitness_windows", profile["fitness_windows"]),
-        top_windows=pick("top_windows", profile["top_windows"]),
-        fitness_seqlen=pick("fitness_seqlen", profile["fitness_seqlen"]),
-        timeout_s=pick("candidate_timeout", profile["candidate_timeout"]), update=pick("update", EVALUATOR_DEFAULTS.update),
-        top_rung=pick("top_rung", profile["top_rung"]),
-        batch_size=pick("fitness_batch", profile["fitness_batch"]),
-        window_order=pick("window_order", EVALUATOR_DEFAULTS.window_order),
-    )  # fmt: skip
-    min_depth, max_depth = _init_depth(args.init_depth)
-    defaults = SEARCH_DEFAULTS
-    settings = SearchSettings(
-        generations=pick("generations", profile["generations"]),
-        population=pick("population", profile["population"]),
-        seed=pick("seed", defaults.seed), cx_prob=pick("cx_prob", defaults.cx_prob),
-        mut_prob=pick("mut_prob", defaults.mut_prob), tournament=pick("tournament", defaults.tournament),
-        elite=pick("elite", defaults.elite), hof_size=pick("hof_size", defaults.hof_size),
-        init_min_depth=min_depth, init_max_depth=max_depth, max_depth=pick("max_depth", defaults.max_depth),
-        max_size=pick("max_size", defaults.max_size),
+    min_depth, max_depth = _init_depth(args.init_depth, profile)
+    settings = replace(
+        profile, **_given(args, SEARCH_FIELDS), init_min_depth=min_depth, init_max_depth=max_depth,
         seed_formulas=resolve_seed_formulas(split_formulas(args.seed_formulas)),
-        multi_fidelity=not args.no_multi_fidelity, confirm=pick("confirm", profile["confirm"]),
-        promote=pick("promote", profile["promote"]), tune=pick("tune", profile["tune"]), final_top=pick("final_top", profile["final_top"]),
-        final_windows=pick("final_windows", profile["final_windows"]), evaluator=evaluator,
+        multi_fidelity=not args.no_multi_fidelity, evaluator=evaluator,
     )  # fmt: skip
     check_search(settings)
     return settings
@@ -316,23 +315,17 @@ def _patterns(args) -> tuple[str, ...]:
 
 
 def execution_from_args(args, device: str | None) -> ExecutionSettings:
-    profile = PROFILES[args.profile]
-
-    def pick(name):
-        value = getattr(args, name)
-        return profile[name] if value is None else value
-
+    profile = PROFILES[args.profile].execution
     use_gpu = _uses_gpu(device)
     workers = args.workers
     if workers is None and args.address is None and not use_gpu:  # a local CPU run: the profile's count
-        workers = profile.get("workers")  # else every GPU x --actors-per-gpu, or the CPUs / --threads
-    execution = ExecutionSettings(
+        workers = profile.workers  # else every GPU x --actors-per-gpu, or the CPUs / --threads
+    execution = replace(
+        profile,
+        **_given(args, EXECUTION_FIELDS),
         workers=workers,
-        threads=pick("threads"),
-        actors_per_gpu=pick("actors_per_gpu"),
         address=args.address,
         runtime_env=cluster.load_runtime_env(args.runtime_env),
-        candidate_timeout=pick("candidate_timeout"),
         use_gpu=use_gpu,
         preflight=not args.no_preflight,
         progress=not (args.quiet or args.json),
@@ -381,12 +374,14 @@ def resume_settings(args, given: set[str]):
 def _flag_value(settings: SearchSettings, dest: str):
     evaluator = settings.evaluator
     mapping = {
-        "seqlen": evaluator.calib_seqlen, "calib_seed": evaluator.calib_seed, "pattern": evaluator.patterns,
-        "sparsity": evaluator.patterns, "settings": evaluator.patterns, "init_depth": (settings.init_min_depth, settings.init_max_depth),
+        "pattern": evaluator.patterns, "sparsity": evaluator.patterns, "settings": evaluator.patterns,
+        "init_depth": (settings.init_min_depth, settings.init_max_depth),
         "no_multi_fidelity": not settings.multi_fidelity, "seed_formulas": settings.seed_formulas,
     }  # fmt: skip
     if dest in mapping:
         return mapping[dest]
-    if hasattr(settings, dest):
-        return getattr(settings, dest)
-    return getattr(evaluator, dest)
+    if dest in SEARCH_FIELDS:
+        return getattr(settings, SEARCH_FIELDS[dest])
+    if dest in EVALUATOR_FIELDS:
+        return getattr(evaluator, EVALUATOR_FIELDS[dest])
+    return getattr(evaluator, dest)  # --model

@@ -20,59 +20,6 @@ from pruning_core.spec import check_group
 CONFIG_VERSION = 2  # 2: several sparsity settings, a three-rung fidelity ladder, the final check
 SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for the fitness loop
 
-# CPU profile: the README's main command on smollm2-135m within ~25 minutes on 2 cores (measured: proxy
-# ~2 s, base rung ~13 s, top rung ~37 s per formula with one thread; a final-check cell ~55 s). Rung
-# budgets are multiples of the two workers, so no rung leaves one idle. Fitness follows
-# the validation protocol (512-token windows, 50% and 2:4 at once); the ladder: the proxy screens every
-# new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
-# of those (if among the best quarter so far) climb to `top_windows`; `tune` variants (one constant
-# changed) of the best formula at the top rung with untried steps go up the ladder per generation and join
-# only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
-# `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
-# pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula.
-CPU_PROFILE = {
-    "generations": 10,
-    "population": 20,
-    "confirm": 4,
-    "promote": 2,
-    "tune": 2,
-    "nsamples": 16,
-    "seqlen": 512,
-    "fitness_windows": 2,
-    "top_windows": 8,
-    "fitness_seqlen": 512,
-    "top_rung": "one-shot",
-    "fitness_batch": 1,  # on 2 CPU cores a batch of windows is no faster than one at a time
-    "final_top": 3,
-    "final_windows": 16,
-    "workers": 2,
-    "threads": 1,
-    "actors_per_gpu": 1,
-    "candidate_timeout": 300.0,
-}
-# GPU profile: --actors-per-gpu actors on every GPU of the machine or the cluster (unless --workers), a larger
-# population, more calibration and more fitness windows, so perplexity differences between candidates
-# are well above window-to-window noise.
-GPU_PROFILE = {
-    "generations": 50,
-    "population": 64,
-    "confirm": 8,
-    "promote": 3,
-    "tune": 4,
-    "nsamples": 128,
-    "seqlen": 512,
-    "fitness_windows": 16,
-    "top_windows": 64,
-    "fitness_seqlen": 512,
-    "top_rung": "sequential",
-    "fitness_batch": 8,
-    "final_top": 5,
-    "final_windows": 64,
-    "threads": 4,
-    "actors_per_gpu": 1,
-    "candidate_timeout": 600.0,
-}
-PROFILES = {"cpu": CPU_PROFILE, "gpu": GPU_PROFILE}
 DEFAULT_SETTINGS = "0.5,2:4"
 
 BASELINES = ("wanda", "magnitude", "pruner-zero")
@@ -123,6 +70,58 @@ class ExecutionSettings:
     def hard_timeout(self) -> float:
         """The dispatcher kills an actor only after the evaluator's own deadline had its chance."""
         return self.candidate_timeout + max(10.0, 0.25 * self.candidate_timeout)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One documented set of defaults: what to search and how to run it. The search's flags, their help
+    text and their values when left out all read these instances."""
+
+    search: SearchSettings
+    execution: ExecutionSettings
+
+
+def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
+    """The evaluator's own deadline is the execution's candidate timeout: one number, set once."""
+    evaluator = replace(search.evaluator, timeout_s=execution.candidate_timeout)
+    return Profile(replace(search, evaluator=evaluator), execution)
+
+
+# CPU profile: the README's main command on smollm2-135m within ~25 minutes on 2 cores (measured: proxy
+# ~2 s, base rung ~13 s, top rung ~37 s per formula with one thread; a final-check cell ~55 s). Rung
+# budgets are multiples of the two workers, so no rung leaves one idle. Fitness follows
+# the validation protocol (512-token windows, 50% and 2:4 at once); the ladder: the proxy screens every
+# new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
+# of those (if among the best quarter so far) climb to `top_windows`; `tune` variants (one constant
+# changed) of the best formula at the top rung with untried steps go up the ladder per generation and join
+# only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
+# `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
+# pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula. On 2
+# CPU cores a batch of fitness windows is no faster than one at a time.
+CPU_PROFILE = _profile(
+    SearchSettings(
+        generations=10, population=20, confirm=4, promote=2, tune=2, final_top=3, final_windows=16,
+        evaluator=EvaluatorSettings(
+            nsamples=16, calib_seqlen=512, fitness_windows=2, top_windows=8, fitness_seqlen=512,
+            top_rung="one-shot", batch_size=1,
+        ),
+    ),
+    ExecutionSettings(workers=2, threads=1, actors_per_gpu=1, candidate_timeout=300.0),
+)  # fmt: skip
+# GPU profile: --actors-per-gpu actors on every GPU of the machine or the cluster (unless --workers), a larger
+# population, more calibration and more fitness windows, so perplexity differences between candidates
+# are well above window-to-window noise.
+GPU_PROFILE = _profile(
+    SearchSettings(
+        generations=50, population=64, confirm=8, promote=3, tune=4, final_top=5, final_windows=64,
+        evaluator=EvaluatorSettings(
+            nsamples=128, calib_seqlen=512, fitness_windows=16, top_windows=64, fitness_seqlen=512,
+            top_rung="sequential", batch_size=8,
+        ),
+    ),
+    ExecutionSettings(workers=None, threads=4, actors_per_gpu=1, candidate_timeout=600.0),
+)  # fmt: skip
+PROFILES = {"cpu": CPU_PROFILE, "gpu": GPU_PROFILE}
 
 
 def _check(condition: bool, message: str) -> None:
