@@ -444,7 +444,11 @@ def test_resume_keeps_the_run_settings_and_takes_only_how_to_run(tmp_path):
     assert replace(extended, generations=4, evaluator=saved.evaluator) == saved
     with pytest.raises(UsageError, match="--window-order first differs from the run's spread"):
         resume("--window-order", "first")  # other windows, other numbers
-    for flag, value, theirs in (("--fitness-batch", "4", "1"), ("--seqlen", "128", "256"), ("--tune", "3", "1")):
+    for flag, value, theirs in (
+        ("--fitness-batch", "4", "1"),
+        ("--seqlen", "128", "256"),
+        ("--tune", "3", "1"),
+    ):
         with pytest.raises(UsageError, match=f"^{flag} {value} differs from the run's {theirs};"):
             resume(flag, value)  # every flag that sets a field of the run is checked, by the field it sets
 
