@@ -119,7 +119,7 @@ class Evaluator:
         self.linears = prunable_linears(model)
         # for a sequential top rung: G of the cached statistics, the dense model's gradients on these very
         # calibration windows (what prune's calibrate_and_prune computes, or reads from its cache)
-        self.gradients = {name: stats.linear_stats(name)["G"] for name in self.linears}
+        self.gradients = stats.of_every_linear("G")
         generator = torch.Generator().manual_seed(0)
         self.proxy_rows = {
             name: torch.randperm(linear.weight.shape[0], generator=generator)[:PROXY_ROWS].to(
@@ -210,12 +210,12 @@ class Evaluator:
         """Mean over linears of ||dW X||^2 / ||W X||^2 on the sampled rows, from the Hessians (no forward
         pass); dW removes the pruned weights, then (with an update) moves the kept ones."""
         errors = []
-        for index, (hessians, rows, bases) in enumerate(self._proxy_stacks()):
+        for index, (stack, (rows, bases)) in enumerate(zip(self.stacks, self._proxy_stacks())):
             self._check_deadline(deadline)
             keep = keeps[index] if keeps else None
             changes = self._updated(index, rows, keep, scorer, spec, proxy=True) - rows
-            for hessian, change, base in zip(hessians, changes, bases):
-                errors.append(float((change @ hessian * change).sum() / base))
+            for name, change, base in zip(stack.names, changes, bases):
+                errors.append(float((change @ self.stats.stat(name, "hessian") * change).sum() / base))
         return sum(errors) / len(errors)
 
     def _updated(self, index: int, weights: torch.Tensor, keep: torch.Tensor | None, scorer,
@@ -258,16 +258,16 @@ class Evaluator:
             self._span_cache[key] = span_statistics(stats, shape)
         return self._span_cache[key]
 
-    def _proxy_stacks(self) -> list[tuple[list[torch.Tensor], torch.Tensor, list[float]]]:
-        """Per stack, built once: Hessians, the sampled rows (dead inputs zeroed) stacked, and each
-        linear's ||W X||^2 on them (the proxy's denominators do not depend on the candidate)."""
+    def _proxy_stacks(self) -> list[tuple[torch.Tensor, list[float]]]:
+        """Per stack, built once: the sampled rows (dead inputs zeroed) stacked, and each linear's
+        ||W X||^2 on them (the proxy's denominators do not depend on the candidate)."""
         if self._proxy_stacked is None:
             self._proxy_stacked = []
             for stack in self.stacks:
-                hessians = [self.stats.linear_stats(n)["hessian"] for n in stack.names]
+                hessians = [self.stats.stat(n, "hessian") for n in stack.names]
                 rows = torch.stack([live_weight(w, h) for w, h in zip(stack.sampled, hessians)])
                 bases = [float((w @ h * w).sum().clamp_min(1e-20)) for w, h in zip(rows, hessians)]
-                self._proxy_stacked.append((hessians, rows, bases))
+                self._proxy_stacked.append((rows, bases))
         return self._proxy_stacked
 
     def _factor_stacks(self) -> list[torch.Tensor]:
@@ -280,9 +280,7 @@ class Evaluator:
                 for name in stack.names:
                     key = self.stats.hessian_of[name]
                     if key not in computed:
-                        computed[key] = inverse_hessian_factor(
-                            self.stats.linear_stats(name)["hessian"].float()
-                        )
+                        computed[key] = inverse_hessian_factor(self.stats.stat(name, "hessian").float())
                 self._factors.append(torch.stack([computed[self.stats.hessian_of[n]] for n in stack.names]))
         return self._factors
 
@@ -290,9 +288,7 @@ class Evaluator:
         """Per stack, the dense weights with dead inputs zeroed, once, for the obs update."""
         if self._stacked is None:
             self._stacked = [
-                torch.stack(
-                    [live_weight(self.dense[n], self.stats.linear_stats(n)["hessian"]) for n in s.names]
-                )
+                torch.stack([live_weight(self.dense[n], self.stats.stat(n, "hessian")) for n in s.names])
                 for s in self.stacks
             ]
         return self._stacked

@@ -3,9 +3,8 @@ all q (or all k, ..., all down) projections of every block in a few large operat
 
 A stack holds the dense copy (S, out, in) of its linears' weights (the copy masking starts from and
 restoring copies back), their per-column statistics (S, in) and the proxy's sampled rows. Per-weight
-statistics (G) stay where the statistics cache holds them (a file mapping shared with the Hessians) and
-are stacked only for a candidate that reads them, one stack at a time: a permanent stacked copy would
-hold them twice.
+statistics (G) stay where the statistics cache keeps them (on the CPU: its file) and are stacked only for
+a candidate that reads them, one stack at a time: a permanent stacked copy would hold them in memory.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class LinearStack:
         stats = dict(self.columns)
         for key in PER_WEIGHT:
             if key in wanted:
-                stats[key] = torch.stack([cache.linear_stats(name)[key] for name in self.names])
+                stats[key] = torch.stack([cache.stat(name, key) for name in self.names])
         return stats
 
     def sampled_stats(self, cache: StatsCache, wanted) -> dict[str, torch.Tensor]:
@@ -45,7 +44,7 @@ class LinearStack:
         (reading them pages in the whole mapped statistic, which a formula without it never needs)."""
         for key in PER_WEIGHT:
             if key in wanted and key not in self.sampled_weight_stats:
-                per_linear = [cache.linear_stats(name)[key] for name in self.names]
+                per_linear = [cache.stat(name, key) for name in self.names]
                 self.sampled_weight_stats[key] = torch.stack([v[r] for v, r in zip(per_linear, self.rows)])
         return {**self.columns, **{k: v for k, v in self.sampled_weight_stats.items() if k in wanted}}
 
@@ -71,8 +70,7 @@ def stack_linears(linears: dict, stats: StatsCache, proxy_rows: dict[str, torch.
     stacks = []
     for names in groups:
         dense = torch.stack([linears[n].weight.detach() for n in names])
-        per_linear = [stats.linear_stats(n) for n in names]
-        columns = {key: torch.stack([s[key].reshape(-1) for s in per_linear]) for key in PER_COLUMN}
+        columns = {key: torch.stack([stats.stat(n, key).reshape(-1) for n in names]) for key in PER_COLUMN}
         rows = torch.stack([proxy_rows[n] for n in names])
         stacks.append(LinearStack(names, dense, columns, rows, gather_rows(dense, rows)))
     return stacks

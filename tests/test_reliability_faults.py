@@ -350,6 +350,29 @@ DAMAGES = {
 }
 
 
+def test_on_the_cpu_per_weight_statistics_stay_in_the_cache_file(search_model, tmp_path):
+    """G and the Hessians are read from the cache file on each use (held, they would double an
+    evaluator's memory); X and H are held. Every value equals the file's, just computed or loaded, and
+    an open cache outlives the file's removal."""
+    from safetensors.torch import load_file
+
+    model, tokenizer = load_model(str(search_model))
+    key = Calibration(nsamples=4, seqlen=32)
+    for _ in ("computed", "loaded"):
+        cache = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
+        (data_file,) = (tmp_path / "stats").glob("*.safetensors")
+        on_disk = load_file(data_file)
+        assert set(cache.tensors) == set(on_disk)
+        for name, tensor in on_disk.items():
+            assert torch.equal(cache.tensors[name], tensor), name
+            held = cache.tensors[name] is cache.tensors[name]
+            assert held == name.endswith(("/X", "/H")), name
+    data_file.unlink()
+    for linear, owner in cache.hessian_of.items():
+        assert torch.equal(cache.stat(linear, "G"), on_disk[f"{linear}/G"])
+        assert torch.equal(cache.linear_stats(linear)["hessian"], on_disk[f"{owner}/hessian"])
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_damaged_statistics_cache_is_detected_recomputed_and_not_used(search_model, tmp_path, monkeypatch,
                                                                       damage):  # fmt: skip
@@ -357,7 +380,7 @@ def test_damaged_statistics_cache_is_detected_recomputed_and_not_used(search_mod
 
     model, tokenizer = load_model(str(search_model))
     key = Calibration(nsamples=4, seqlen=32)
-    first = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
+    first = dict(StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False).tensors)
     (data_file,) = (tmp_path / "stats").glob("*.safetensors")
     suffix, damage_bytes = DAMAGES[damage]
     target = data_file.with_suffix("." + suffix)
@@ -365,15 +388,15 @@ def test_damaged_statistics_cache_is_detected_recomputed_and_not_used(search_mod
     target.write_bytes(damage_bytes(pristine))
     if damage == "flipped-value":  # the damage is invisible without the checksum
         loaded = load_file(data_file)
-        assert any(not torch.equal(loaded[name], first.tensors[name]) for name in loaded)
+        assert any(not torch.equal(loaded[name], first[name]) for name in loaded)
 
     computed = []
     original = stats_cache.compute_stats
     monkeypatch.setattr(stats_cache, "compute_stats", lambda *a, **k: computed.append(1) or original(*a, **k))
     second = StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
     assert computed == [1]
-    assert second.tensors.keys() == first.tensors.keys()
-    for name, tensor in first.tensors.items():
+    assert second.tensors.keys() == first.keys()
+    for name, tensor in first.items():
         assert torch.equal(second.tensors[name], tensor), name
     assert target.read_bytes() == pristine  # rewritten whole, with its checksum
     StatsCache.load_or_compute(model, tokenizer, key, tmp_path, progress=False)
