@@ -204,36 +204,46 @@ def _final_section(final: dict | None) -> list[str]:
     return lines
 
 
+RUNGS = ("proxy", "ppl", "top")
+
+
 def render_report(config: dict, state: SearchState) -> str:
-    settings = config["settings"]
-    hall = hall_of_fame_entries(state)
-    baselines = baseline_entries(state)
-    wanda = baselines.get("wanda", {})
-    rungs = ("proxy", "ppl", "top")
     lines = [
         f"# Metric search run `{config['run_id']}`",
         "",
-        f"{state.generation + 1} of {settings['generations']} generations. " + _describe(config),
+        f"{state.generation + 1} of {config['settings']['generations']} generations. " + _describe(config),
         "",
+        *_best_section(state),
+        *_final_section(state.final),
+        *_generations_section(state),
+    ]
+    return "\n".join(lines)
+
+
+def _best_section(state: SearchState) -> list[str]:
+    """The hall of fame and the baselines, on the search's own fitness windows."""
+    hall = hall_of_fame_entries(state)
+    baselines = baseline_entries(state)
+    wanda = baselines.get("wanda", {})
+    best = _table(
+        ["rank", "formula", "top", "ppl", "proxy", "top / Wanda", "ppl / Wanda", "size", "generation"],
+        [
+            [
+                str(e["rank"]),
+                f"`{e['formula']}`",
+                *[_fmt(e[f]) for f in reversed(RUNGS)],
+                _ratio(e["top"], wanda.get("top")),
+                _ratio(e["ppl"], wanda.get("ppl")),
+                str(e["size"]),
+                str(e["generation"]),
+            ]  # fmt: skip
+            for e in hall
+        ],
+    )
+    return [
         "## Best formulas",
         "",
-        _table(
-            ["rank", "formula", "top", "ppl", "proxy", "top / Wanda", "ppl / Wanda", "size", "generation"],
-            [
-                [
-                    str(e["rank"]),
-                    f"`{e['formula']}`",
-                    *[_fmt(e[f]) for f in reversed(rungs)],
-                    _ratio(e["top"], wanda.get("top")),
-                    _ratio(e["ppl"], wanda.get("ppl")),
-                    str(e["size"]),
-                    str(e["generation"]),
-                ]  # fmt: skip
-                for e in hall
-            ],
-        )
-        if hall
-        else "No formula was measured by perplexity yet.",
+        best if hall else "No formula was measured by perplexity yet.",
         "",
         "Ratios to Wanda on the search's own fitness windows are biased toward noise (the best of many "
         "measurements); the final check below is the honest comparison.",
@@ -243,53 +253,45 @@ def render_report(config: dict, state: SearchState) -> str:
         _table(
             ["metric", "formula", "top", "ppl", "proxy"],
             [
-                [name, f"`{e['formula']}`", *[_fmt(e.get(f)) for f in reversed(rungs)]]
+                [name, f"`{e['formula']}`", *[_fmt(e.get(f)) for f in reversed(RUNGS)]]
                 for name, e in baselines.items()
             ],
         ),
         "",
-        *_final_section(state.final),
     ]
+
+
+def _generations_section(state: SearchState) -> list[str]:
+    """One row per generation, invalid candidates by reason, and the plots."""
     invalid_totals = {}
     for h in state.history:
         for reason, count in h.get("invalid", {}).items():
             invalid_totals[reason] = invalid_totals.get(reason, 0) + count
-    lines += [
+    header = [
+        "gen", "best top", "best ppl", "median ppl", "best proxy", "median proxy", "unique", "memo hits",
+        "evaluated proxy/ppl/top", "per minute proxy/ppl/top", "invalid", "seconds",
+    ]  # fmt: skip
+    rows = [
+        [
+            str(h.get("generation")),
+            _fmt(h.get("best_top")),
+            _fmt(h.get("best_ppl")),
+            _fmt(h.get("median_ppl")),
+            _fmt(h.get("best_proxy")),
+            _fmt(h.get("median_proxy")),
+            str(h.get("unique")),
+            str(h.get("memo_hits")),
+            "/".join(str(h.get("evaluated", {}).get(f, 0)) for f in RUNGS),
+            "/".join(_fmt(h.get("per_minute", {}).get(f), 3) for f in RUNGS),
+            str(sum(h.get("invalid", {}).values())),
+            _fmt(h.get("seconds"), 3),
+        ]  # fmt: skip
+        for h in state.history
+    ]
+    return [
         "## Generations",
         "",
-        _table(
-            [
-                "gen",
-                "best top",
-                "best ppl",
-                "median ppl",
-                "best proxy",
-                "median proxy",
-                "unique",
-                "memo hits",
-                "evaluated proxy/ppl/top",
-                "per minute proxy/ppl/top",
-                "invalid",
-                "seconds",
-            ],  # fmt: skip
-            [
-                [
-                    str(h.get("generation")),
-                    _fmt(h.get("best_top")),
-                    _fmt(h.get("best_ppl")),
-                    _fmt(h.get("median_ppl")),
-                    _fmt(h.get("best_proxy")),
-                    _fmt(h.get("median_proxy")),
-                    str(h.get("unique")),
-                    str(h.get("memo_hits")),
-                    "/".join(str(h.get("evaluated", {}).get(f, 0)) for f in rungs),
-                    "/".join(_fmt(h.get("per_minute", {}).get(f), 3) for f in rungs),
-                    str(sum(h.get("invalid", {}).values())),
-                    _fmt(h.get("seconds"), 3),
-                ]
-                for h in state.history
-            ],
-        ),
+        _table(header, rows),
         "",
         "Invalid candidates by reason (whole run): "
         + (", ".join(f"{reason} {count}" for reason, count in invalid_totals.items()) or "none")
@@ -300,7 +302,6 @@ def render_report(config: dict, state: SearchState) -> str:
         f"![fitness vs size]({rundir.PARETO_PLOT})",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_report(run_dir: Path, config: dict, state: SearchState) -> None:
