@@ -150,9 +150,8 @@ def cmd_search(argv: list[str]) -> int:
     return 0
 
 
-def cmd_validate(argv: list[str]) -> int:
-    from metric_search.heldout import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES, heldout_run
-    from pruning_core.pipeline import ModelSource
+def validate_parser() -> OneLineParser:
+    from metric_search.heldout import DEFAULT_BASELINES, DEFAULT_PATTERNS, VALIDATE_PROFILES
 
     def both(name: str) -> str:
         shown = {profile: getattr(plan, name) for profile, plan in VALIDATE_PROFILES.items()}
@@ -186,6 +185,14 @@ def cmd_validate(argv: list[str]) -> int:
     p.add_argument("--tasks", default=None, help="zero-shot tasks per cell: 'zeroshot' or a comma list")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task")
     add_model_flags(p)
+    return p
+
+
+def cmd_validate(argv: list[str]) -> int:
+    from metric_search.heldout import VALIDATE_PROFILES, heldout_run
+    from pruning_core.pipeline import ModelSource
+
+    p = validate_parser()
     args = p.parse_args(argv)
     if "model" in explicit_flags(p, argv):
         raise UsageError("validate uses the run's model; drop --model")
