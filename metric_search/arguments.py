@@ -178,7 +178,7 @@ def _fitness_flags(f) -> None:
     f.add_argument(
         "--tune",
         type=int,
-        help=f"constant-tuning variants per generation of the best formula at the top rung with untried steps "
+        help=f"constant-tuning variants per generation of the top-rung formula with the fewest steps measured "
         f"({_default('tune')}; 0: off)",
     )
     f.add_argument(

@@ -93,8 +93,8 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # the validation protocol (512-token windows, 50% and 2:4 at once); the ladder: the proxy screens every
 # new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
 # of those (if among the best quarter so far) climb to `top_windows`; `tune` variants (one constant
-# changed) of the best formula at the top rung with untried steps go up the ladder per generation and join
-# only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
+# changed) of a formula at the top rung (the one with the fewest steps measured) go up the ladder per
+# generation and join only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
 # `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
 # pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula. On 2
 # CPU cores a batch of fitness windows is no faster than one at a time.

@@ -209,23 +209,36 @@ class Search:
                 break
         return variants
 
+    def _tuning_parent(self) -> tuple[str | None, list[Individual]]:
+        """The formula to tune and its untried variants: of the hall of fame's formulas measured at the
+        top rung, the one with the fewest steps measured so far that still has untried ones (ties: the
+        better). Tuning so spreads over the top formulas instead of spending every generation on the
+        head's steps while a close second (e.g. RIA one exponent step from a better formula) waits."""
+        from primitives.canonical import canonical_key
+        from primitives.tuning import constant_neighbours
+
+        candidates, group = self.state.candidates, self.engine.group
+        at_top = []
+        for rank, key in enumerate(self.state.hall_of_fame):
+            if value(candidates[key], "top") is None:
+                break  # the hall of fame lists the top rung's formulas first
+            measured = sum(canonical_key(t, group) in candidates for t in constant_neighbours(key, group))
+            at_top.append((measured, rank, key))
+        for _, _, key in sorted(at_top):
+            variants = self._untried_neighbours(key)
+            if variants:
+                return key, variants
+        return None, []
+
     def _tune(self, population: list[Individual], generation: int, evaluations, tally: Counter) -> list:
-        """Local tuning, one constant at a time, of the best formula measured at the top rung that still
-        has untried steps (the hall of fame's head until its steps run out, then the next): up to
-        ``tune`` new variants climb the ladder (base perplexity for all, the top rung for those that beat
-        that parent there); a variant that beats the parent at the top rung replaces the population's
-        worst."""
+        """Local tuning, one constant at a time, of a formula measured at the top rung (see
+        ``_tuning_parent``): up to ``tune`` new variants climb the ladder (base perplexity for all, the
+        top rung for those that beat that parent there); a variant that beats the parent at the top rung
+        replaces the population's worst."""
         s, candidates = self.settings, self.state.candidates
         if not s.tune:
             return population
-        parent, variants = None, []
-        for key in self.state.hall_of_fame:
-            if value(candidates[key], "top") is None:
-                break  # the hall of fame lists the top rung's formulas first
-            variants = self._untried_neighbours(key)
-            if variants:
-                parent = key
-                break
+        parent, variants = self._tuning_parent()
         if not variants:
             return population
         self._register(variants, generation)

@@ -212,6 +212,37 @@ def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_step
     assert search._tune(tuned, 2, _Evaluations(pool, Memo(), False), Counter()) == tuned and not pool.jobs
 
 
+def test_tuning_spreads_over_the_top_rung_taking_the_formula_with_fewest_steps_measured(tmp_path):
+    """The head has measured steps and untried ones; the second has none measured: the second is
+    tuned. Once it has as many measured as the head, the head (better ranked) comes first again."""
+    from collections import Counter
+
+    from primitives.tuning import constant_neighbours
+
+    search = new_search(tmp_path, tune=1, population=6)
+    texts = ("abs(W) * X", "sqrt(X) * (colnorm(abs(W)) + rownorm(abs(W)))", "abs(W)", "U", "abs(W) + X")
+    population = [search.engine.from_text(t) for t in texts]
+    search._register(population, 0)
+    head, second = canonical_key(texts[0]), canonical_key(texts[1])
+    head_steps = [canonical_key(t) for t in constant_neighbours(texts[0])]
+    second_steps = [canonical_key(t) for t in constant_neighbours(texts[1])]
+    assert len(head_steps) >= 2 and len(second_steps) >= 2 and not set(head_steps) & set(second_steps)
+    search._register([search.engine.from_text(constant_neighbours(texts[0])[0])], 0)  # one head step
+    for key, entry in search.state.candidates.items():
+        entry.update(proxy={"fitness": 0.5, "reason": None}, ppl={"fitness": 50.0, "reason": None})
+    search.state.candidates[head]["top"] = {"fitness": 40.0, "reason": None}
+    search.state.candidates[second]["top"] = {"fitness": 44.0, "reason": None}
+    search.state.hall_of_fame = [head, second]
+
+    pool = FakePool()
+    search._tune(population, 1, _Evaluations(pool, Memo(), False), Counter())
+    assert {key for key, _ in pool.jobs} == {second_steps[0]}
+
+    pool = FakePool()  # one step measured each: the better ranked head, its next untried step
+    search._tune(population, 2, _Evaluations(pool, Memo(), False), Counter())
+    assert {key for key, _ in pool.jobs} == {head_steps[1]}
+
+
 def test_a_timed_out_formula_is_retried_on_resume_and_only_then(tmp_path):
     from collections import Counter
 
