@@ -228,7 +228,7 @@ def test_tuning_spreads_over_the_top_rung_taking_the_formula_with_fewest_steps_m
     second_steps = [canonical_key(t) for t in constant_neighbours(texts[1])]
     assert len(head_steps) >= 2 and len(second_steps) >= 2 and not set(head_steps) & set(second_steps)
     search._register([search.engine.from_text(constant_neighbours(texts[0])[0])], 0)  # one head step
-    for key, entry in search.state.candidates.items():
+    for entry in search.state.candidates.values():
         entry.update(proxy={"fitness": 0.5, "reason": None}, ppl={"fitness": 50.0, "reason": None})
     search.state.candidates[head]["top"] = {"fitness": 40.0, "reason": None}
     search.state.candidates[second]["top"] = {"fitness": 44.0, "reason": None}
