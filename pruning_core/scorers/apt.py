@@ -243,13 +243,9 @@ def joint_refit(
 
 
 def apt_prune(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    spec: SparsitySpec,
-    block_size: int = BLOCK_SIZE,
-    percdamp: float = PERCDAMP,
-    span: int = SPAN,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    weight: torch.Tensor, hessian: torch.Tensor, spec: SparsitySpec,
+    block_size: int = BLOCK_SIZE, percdamp: float = PERCDAMP, span: int = SPAN,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """APT on one layer: (new float32 weight with pruned entries exactly 0, pruned mask): the pruned
     sets of ``apt_select``, with the whole row's joint optimal update for them."""
     selected, pruned = apt_select(weight, hessian, spec, block_size, percdamp, span)
