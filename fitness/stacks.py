@@ -41,7 +41,7 @@ class LinearStack:
 
     def sampled_stats(self, cache: StatsCache, wanted) -> dict[str, torch.Tensor]:
         """The statistics of the sampled rows among ``wanted``; per-weight ones gathered on first use
-        (reading them pages in the whole mapped statistic, which a formula without it never needs)."""
+        (reading them reads the whole statistic, which a formula without it never needs)."""
         for key in PER_WEIGHT:
             if key in wanted and key not in self.sampled_weight_stats:
                 per_linear = [cache.stat(name, key) for name in self.names]

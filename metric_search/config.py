@@ -94,8 +94,9 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # new formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote`
 # of those (if among the best quarter so far) climb to `top_windows`; `tune` variants (one constant
 # changed) of a formula at the top rung (the one with the fewest steps measured) go up the ladder per
-# generation and join only if they beat it at the top rung; at the end the best `final_top` go through the sequential driver on
-# `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung is one-shot here:
+# generation and join only if they beat it at the top rung; at the end the best `final_top` go through the
+# sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung
+# is one-shot here:
 # pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula. On 2
 # CPU cores a batch of fitness windows is no faster than one at a time.
 CPU_PROFILE = _profile(
