@@ -96,9 +96,8 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # changed) of a formula at the top rung (the one with the fewest steps measured) go up the ladder per
 # generation and join only if they beat it at the top rung; at the end the best `final_top` go through the
 # sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda. The top rung
-# is one-shot here:
-# pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per promoted formula. On 2
-# CPU cores a batch of fitness windows is no faster than one at a time.
+# is one-shot here: pruning it with the sequential driver (`--top-rung sequential`) costs ~3.8x per
+# promoted formula. On 2 CPU cores a batch of fitness windows is no faster than one at a time.
 CPU_PROFILE = _profile(
     SearchSettings(
         generations=10, population=20, confirm=4, promote=2, tune=2, final_top=3, final_windows=16,
