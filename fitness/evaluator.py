@@ -1,5 +1,6 @@
-"""One candidate metric = score every linear with it, mask from a kept dense copy, measure, restore
-bit-identical. A bad candidate gets fitness +inf and a reason code, never an exception.
+"""One candidate metric = score every linear with it, mask in place, measure, restore bit-identical
+(from a snapshot of the dense weights, see fitness.snapshot). A bad candidate gets fitness +inf and a
+reason code, never an exception.
 
 Fidelities form a ladder, cheapest first: ``proxy`` (layer reconstruction error from the cached
 Hessians; the model is never masked), ``ppl`` (perplexity on ``windows`` fitness windows) and
@@ -18,9 +19,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from fitness.snapshot import snapshot
 from fitness.stacks import LinearStack, gather_rows, stack_linears
 from fitness.stats_cache import StatsCache
 from pruning_core.blocks import prunable_linears
@@ -104,10 +107,12 @@ def geometric_mean(values) -> float:
 
 
 class Evaluator:
-    """Owns the model, its prunable linears stacked by shape (dense copies, statistics, sampled rows;
-    see ``fitness.stacks``) and the fitness windows."""
+    """Owns the model, its prunable linears stacked by shape (the weights, statistics, sampled rows;
+    see ``fitness.stacks``), a snapshot of their dense values and the fitness windows."""
 
-    def __init__(self, model, stats: StatsCache, config: FitnessConfig, inputs: FitnessInputs):
+    def __init__(self, model, stats: StatsCache, config: FitnessConfig, inputs: FitnessInputs,
+                 scratch: Path | None = None):  # fmt: skip
+        """``scratch``: a directory on disk for the CPU's dense-weight snapshot file (None: in memory)."""
         self.model, self.stats, self.config = model, stats, config
         self.windows = inputs.windows
         self.calib_windows = None
@@ -128,7 +133,8 @@ class Evaluator:
             for name, linear in self.linears.items()
         }
         self.stacks = stack_linears(self.linears, stats, self.proxy_rows)
-        self.dense = {name: s.dense[i] for s in self.stacks for i, name in enumerate(s.names)}
+        self.snapshot = snapshot(self._weights(), scratch)
+        self._pruned = False  # whether the weights differ from the snapshot
         # built on first use, then reused by every candidate (see _proxy_stacks, _factor_stacks, _weight_stacks)
         self._proxy_stacked = self._factors = self._stacked = None
         self._span_cache: dict = {}
@@ -141,15 +147,19 @@ class Evaluator:
         return self.windows[: self.config.top_windows if fidelity == "top" else self.config.windows]
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for name, linear in self.linears.items():
-                linear.weight.copy_(self.dense[name])
+        if self._pruned:
+            with torch.no_grad():
+                self.snapshot.restore(self._weights())
+            self._pruned = False
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [weight for stack in self.stacks for weight in stack.weights]
 
     def _scores(self, scorer, stack: LinearStack, deadline: float, sampled: bool = False) -> torch.Tensor:
         """Scores (S, out, in) of a stack, or (S, r, in) of its sampled rows (elementwise scorers
         only): an elementwise scorer scores the stack in one call, any other linear by linear."""
         self._check_deadline(deadline)
-        weights = stack.sampled if sampled else stack.dense
+        weights = stack.sampled if sampled else stack.stacked()
         if getattr(scorer, "elementwise", False):
             stats = (stack.sampled_stats if sampled else stack.stats)(self.stats, scorer.stats)
             scores = scorer.score(weights, stats)
@@ -250,7 +260,7 @@ class Evaluator:
         key = (name, proxy)
         if key not in self._span_cache:
             stats = self.stats.linear_stats(name)
-            shape = tuple(self.dense[name].shape)
+            shape = tuple(self.linears[name].weight.shape)
             if proxy:
                 rows = self.proxy_rows[name]
                 stats = {k: v[rows] if tuple(v.shape) == shape else v for k, v in stats.items()}
@@ -285,10 +295,13 @@ class Evaluator:
         return self._factors
 
     def _weight_stacks(self) -> list[torch.Tensor]:
-        """Per stack, the dense weights with dead inputs zeroed, once, for the obs update."""
+        """Per stack, the dense weights with dead inputs zeroed, once, for the obs update (first called
+        before any weight is written)."""
         if self._stacked is None:
             self._stacked = [
-                torch.stack([live_weight(self.dense[n], self.stats.stat(n, "hessian")) for n in s.names])
+                torch.stack(
+                    [live_weight(w, self.stats.stat(n, "hessian")) for n, w in zip(s.names, s.weights)]
+                )
                 for s in self.stacks
             ]
         return self._stacked
@@ -299,6 +312,7 @@ class Evaluator:
         so no mask of the whole model is held. ``check`` (the first setting): the scores are checked for
         every setting, so a bad candidate fails before any forward pass or update."""
         adaptive = self.config.update == "adaptive"
+        self.restore()
         keeps: list[torch.Tensor | None] = []
         for stack in self.stacks:
             if adaptive and not check:  # the update chooses the masks; scores are only checked
@@ -309,15 +323,19 @@ class Evaluator:
                 self._check(scores, checked, stack.names)
             keep = None if adaptive else keep_mask(scores, spec)
             if self.config.update == "none":
-                for name, dense, mask in zip(stack.names, stack.dense, keep):
-                    torch.mul(dense, mask, out=self.linears[name].weight)
+                self._pruned = True
+                for weight, mask in zip(stack.weights, keep):
+                    weight.mul_(mask)
             else:
                 keeps.append(keep)
+        weight_stacks = self._weight_stacks() if keeps else []
         for index, (stack, keep) in enumerate(zip(self.stacks, keeps)):  # updates only
             self._check_deadline(deadline)
-            updated = self._updated(index, self._weight_stacks()[index], keep, scorer, spec)
-            for name, weight in zip(stack.names, updated):
-                self.linears[name].weight.copy_(weight)
+            self._pruned = True
+            for weight, updated in zip(
+                stack.weights, self._updated(index, weight_stacks[index], keep, scorer, spec)
+            ):
+                weight.copy_(updated)
 
     def _prune_sequentially(self, scorer, spec: SparsitySpec, deadline: float) -> None:
         """The core's sequential driver on the dense model, with the run's update; the scorer checks
@@ -326,6 +344,7 @@ class Evaluator:
         from pruning_core.updates import with_update
 
         self.restore()
+        self._pruned = True
         c = self.config.calibration
         walk = Walk(
             True, c.batch_size, c.offload, progress=False, one_pass=self.config.top_rung == "one-pass"

@@ -4,7 +4,9 @@ through Ray's object store, so a worker node needs only the installed package)."
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,12 +116,18 @@ def build_evaluator(
         device = resolve_device(settings.device)
         model = shipment.model.to(device=device, dtype=resolve_dtype(settings.dtype, device))
         stats = StatsCache({k: v.to(device) for k, v in shipment.stats.items()}, shipment.hessian_of)
-        return Evaluator(model, stats, _fitness_config(settings), shipment.inputs)
+        # a worker given everything writes nothing under its cache dir: the snapshot goes to the temp dir
+        scratch = Path(tempfile.gettempdir())
+        return Evaluator(model, stats, _fitness_config(settings), shipment.inputs, scratch)
     model, tokenizer = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
     stats = StatsCache.load_or_compute(
         model, tokenizer, _calibration(settings), cache_dir(settings.cache_dir), settings.data_dir, progress
     )
-    return Evaluator(model, stats, _fitness_config(settings), fitness_inputs(tokenizer, settings))
+    inputs = fitness_inputs(tokenizer, settings)
+    # on the CPU the dense-weight snapshot is a file: in the cache dir, on disk (a temp dir may be tmpfs)
+    return Evaluator(
+        model, stats, _fitness_config(settings), inputs, cache_dir(settings.cache_dir) / "scratch"
+    )
 
 
 def prepare_shipment(settings: EvaluatorSettings, progress: bool = False) -> Shipment:

@@ -1,8 +1,9 @@
 """The prunable linears of a model stacked by weight shape, so that a candidate scores, checks and masks
 all q (or all k, ..., all down) projections of every block in a few large operations.
 
-A stack holds the dense copy (S, out, in) of its linears' weights (the copy masking starts from and
-restoring copies back), their per-column statistics (S, in) and the proxy's sampled rows. Per-weight
+A stack holds its linears' weights (the model's own tensors, which masking overwrites and
+``fitness.snapshot`` restores; stacked for a candidate, one stack at a time: a permanent stacked copy
+would hold the model twice), their per-column statistics (S, in) and the proxy's sampled rows. Per-weight
 statistics (G) stay where the statistics cache keeps them (on the CPU: its file) and are stacked only for
 a candidate that reads them, one stack at a time: a permanent stacked copy would hold them in memory.
 """
@@ -25,11 +26,15 @@ PER_WEIGHT = ("G",)  # statistics with one value per weight, (S, out, in) when s
 @dataclass
 class LinearStack:
     names: list[str]
-    dense: torch.Tensor  # (S, out, in) the dense weights
+    weights: list[torch.Tensor]  # the linears' weights, (out, in) each: the model's, not copies
     columns: dict[str, torch.Tensor]  # PER_COLUMN statistics, (S, in)
     rows: torch.Tensor  # (S, r) the rows of each linear the proxy samples
     sampled: torch.Tensor  # (S, r, in) the dense weights of those rows
     sampled_weight_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # PER_WEIGHT, (S, r, in)
+
+    def stacked(self) -> torch.Tensor:
+        """(S, out, in) a copy of the weights as they are now."""
+        return torch.stack(self.weights)
 
     def stats(self, cache: StatsCache, wanted) -> dict[str, torch.Tensor]:
         """The stack's statistics among ``wanted``: per-column ones as kept, per-weight ones stacked now."""
@@ -69,8 +74,9 @@ def stack_linears(linears: dict, stats: StatsCache, proxy_rows: dict[str, torch.
         groups += [names[first : first + size] for first in range(0, len(names), size)]
     stacks = []
     for names in groups:
-        dense = torch.stack([linears[n].weight.detach() for n in names])
+        weights = [linears[n].weight.detach() for n in names]
         columns = {key: torch.stack([stats.stat(n, key).reshape(-1) for n in names]) for key in PER_COLUMN}
         rows = torch.stack([proxy_rows[n] for n in names])
-        stacks.append(LinearStack(names, dense, columns, rows, gather_rows(dense, rows)))
+        sampled = torch.stack([weight[r] for weight, r in zip(weights, rows)])
+        stacks.append(LinearStack(names, weights, columns, rows, sampled))
     return stacks

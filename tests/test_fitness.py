@@ -40,6 +40,12 @@ def settings(tiny_model_dir, stats_cache_dir):
     )
 
 
+def dense_weights(settings) -> dict[str, torch.Tensor]:
+    """The prunable weights of a fresh load of the settings' model (the evaluator prunes its own)."""
+    model, _ = load_model(settings.model)
+    return {name: linear.weight.detach() for name, linear in prunable_linears(model).items()}
+
+
 def spread_windows(tokenizer, read: int, order: list[int]) -> torch.Tensor:
     """The fitness windows a rung reads, by the rule written out: of all 32-token windows of WikiText-2
     valid, the middles of ``read`` equal slices; ``order`` picks which of those (by position) and how many."""
@@ -62,13 +68,50 @@ class FixedScorer:
         return self.fn(weight)
 
 
-def test_evaluate_restores_weights_bit_identical(settings):
-    evaluator = build_evaluator(settings)
-    before = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
-    result = evaluator.evaluate(get_scorer("wanda"))
-    assert math.isfinite(result["fitness"]) and result["reason"] is None
-    for key, value in evaluator.model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+@pytest.mark.parametrize("kept_in", ["file", "memory"])
+def test_evaluate_restores_weights_bit_identical(settings, kept_in, tmp_path):
+    """After candidates of every kind (two settings, a weight update, one that fails half-way through
+    masking, the proxy) the model equals a fresh load of it, whether the dense snapshot is a scratch
+    file (the CPU's) or held in memory; the linears' weights are their stacks' (no second copy)."""
+    from fitness.evaluator import Evaluator
+    from fitness.setup import _calibration, _fitness_config, fitness_inputs
+    from fitness.snapshot import FileSnapshot, MemorySnapshot
+    from fitness.stats_cache import StatsCache
+    from pruning_core.models import cache_dir
+
+    settings = replace(settings, patterns=("0.5", "2:4"))
+    model, tokenizer = load_model(settings.model)
+    stats = StatsCache.load_or_compute(
+        model, tokenizer, _calibration(settings), cache_dir(settings.cache_dir), None, False
+    )
+    scratch = tmp_path / "scratch" if kept_in == "file" else None
+    evaluator = Evaluator(
+        model, stats, _fitness_config(settings), fitness_inputs(tokenizer, settings), scratch
+    )
+    assert isinstance(evaluator.snapshot, FileSnapshot if kept_in == "file" else MemorySnapshot)
+    for stack in evaluator.stacks:
+        for index, name in enumerate(stack.names):
+            assert evaluator.linears[name].weight.data_ptr() == stack.weights[index].data_ptr(), name
+    calls = []
+
+    def fails_on_the_third_linear(weight):
+        calls.append(1)
+        return weight.abs() if len(calls) < 3 else torch.full_like(weight, math.nan)
+
+    fresh = {k: v.clone() for k, v in load_model(settings.model)[0].state_dict().items()}
+    for scorer, fidelity in (
+        (get_scorer("wanda"), "ppl"),
+        (get_scorer("wanda"), "proxy"),
+        (FixedScorer("fails", fails_on_the_third_linear), "ppl"),
+    ):
+        result = evaluator.evaluate(scorer, fidelity)
+        assert (scorer.name == "fails") == (result["reason"] == "nonfinite"), result
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, fresh[key]), (scorer.name, fidelity, key)
+    evaluator.config = replace(evaluator.config, update="obs")
+    assert math.isfinite(evaluator.evaluate(get_scorer("wanda"))["fitness"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh[key]), ("obs", key)
 
 
 @pytest.mark.parametrize("order", ["spread", "first"])
@@ -232,6 +275,7 @@ def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
 
     settings = replace(settings, patterns=("0.5", "2:4", "0.7"), group=group)
     evaluator = build_evaluator(settings)
+    weights = dense_weights(settings)
     for scorer in (
         get_scorer("wanda"),
         FormulaScorer("abs(W) * X + G"),
@@ -242,8 +286,8 @@ def test_proxy_equals_a_reference_loop_over_full_masks(settings, group):
             errors = []
             for name in evaluator.linears:
                 stats = evaluator.stats.linear_stats(name)
-                dense = evaluator.dense[name].double()
-                keep = keep_mask(scorer.score(evaluator.dense[name].float(), stats), spec)
+                dense = weights[name].double()
+                keep = keep_mask(scorer.score(weights[name].float(), stats), spec)
                 rows = evaluator.proxy_rows[name]
                 w, removed = dense[rows], (dense * ~keep)[rows]
                 hessian = stats["hessian"].double()
@@ -266,6 +310,7 @@ def test_stacked_masks_equal_per_linear_masks_for_every_known_formula(settings):
     from primitives.known import KNOWN_FORMULAS
 
     evaluator = build_evaluator(replace(settings, patterns=("0.5",)))
+    weights = dense_weights(settings)
     for label, spec in SETTINGS_4.items():
         evaluator.config = replace(evaluator.config, specs=(spec,))
         for name, text in KNOWN_FORMULAS.items():
@@ -273,7 +318,7 @@ def test_stacked_masks_equal_per_linear_masks_for_every_known_formula(settings):
             with torch.no_grad():
                 evaluator._prune(scorer, spec, deadline=math.inf, check=True)
             for linear, module in evaluator.linears.items():
-                dense = evaluator.dense[linear]
+                dense = weights[linear]
                 scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(linear))
                 assert torch.equal(module.weight, dense * stable_keep(scores, spec)), (label, name, linear)
             evaluator.restore()
@@ -310,7 +355,7 @@ def test_elementwise_formula_fitness_equals_perplexity_of_per_linear_masks(setti
     linears = dict(prunable_linears(model))
     for label, spec in zip(settings.patterns, settings.specs):
         with torch.no_grad():
-            for name, dense in evaluator.dense.items():
+            for name, dense in dense_weights(settings).items():
                 scores = scorer.score(dense.clone(), evaluator.stats.linear_stats(name))
                 linears[name].weight.copy_(dense * stable_keep(scores, spec))
         expected = perplexity(model, evaluator.windows_for("ppl"), progress=False)["ppl"]
@@ -358,7 +403,7 @@ def test_obs_update_fitness_equals_perplexity_of_independently_updated_weights(s
     windows = evaluator.windows_for("ppl")
     for label, spec in zip(settings.patterns, settings.specs):
         with torch.no_grad():
-            for name, dense in evaluator.dense.items():
+            for name, dense in dense_weights(settings).items():
                 stats = evaluator.stats.linear_stats(name)
                 keep = keep_mask(scorer.score(dense.float(), stats), spec)
                 linears[name].weight.copy_(obs_prune_with_mask(dense, stats["hessian"], keep))
@@ -376,7 +421,7 @@ def test_obs_update_proxy_is_the_output_error_of_the_updated_rows(settings):
     result = evaluator.evaluate(scorer, "proxy")
     for label, spec in zip(settings.patterns, settings.specs):
         errors = []
-        for name, dense in evaluator.dense.items():
+        for name, dense in dense_weights(settings).items():
             stats = evaluator.stats.linear_stats(name)
             rows = evaluator.proxy_rows[name]
             keep = keep_mask(scorer.score(dense.float(), stats), spec)[rows]
@@ -403,7 +448,7 @@ def test_adaptive_update_fitness_equals_perplexity_of_the_core_adaptive_prune(se
     adaptive = with_update(scorer, "adaptive")
     for label, spec in zip(settings.patterns, settings.specs):
         with torch.no_grad():
-            for name, dense in evaluator.dense.items():
+            for name, dense in dense_weights(settings).items():
                 stats = evaluator.stats.linear_stats(name)
                 linears[name].weight.copy_(
                     prune_weight(adaptive, dense, {"X": stats["X"], "hessian": stats["hessian"]}, spec)
@@ -425,7 +470,7 @@ def test_adaptive_update_proxy_chooses_masks_on_the_sampled_rows_alone(settings)
     adaptive = with_update(scorer, "adaptive")
     for label, spec in zip(settings.patterns, settings.specs):
         errors = []
-        for name, dense in evaluator.dense.items():
+        for name, dense in dense_weights(settings).items():
             stats = evaluator.stats.linear_stats(name)
             rows = evaluator.proxy_rows[name]
             own = {"X": stats["X"], "G": stats["G"][rows], "hessian": stats["hessian"]}
