@@ -1,5 +1,5 @@
-"""The prunable linears of a model stacked by weight shape, so that a candidate scores, checks and masks
-all q (or all k, ..., all down) projections of every block in a few large operations.
+"""The prunable linears of a model stacked by weight shape, so that a candidate scores, checks and chooses
+the masks of all q (or all k, ..., all down) projections of every block in a few large operations.
 
 A stack holds its linears' weights (the model's own tensors, which masking overwrites and
 ``fitness.snapshot`` restores; stacked for a candidate, one stack at a time: a permanent stacked copy
