@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import parser, report
 
+from metric_search.config import CPU_PROFILE
 from pruning_core.errors import UsageError
 from pruning_core.files import atomic_write_json, atomic_write_text
 from pruning_core.updates import check_update, split_update
@@ -62,10 +63,12 @@ def build_parser():
         default="wanda,ria",
         help="comma list of built-in scorers, each optionally with a weight update: wanda,ria,wanda+obs (wanda,ria)",
     )
+    update = CPU_PROFILE.search.evaluator.update
     p.add_argument(
         "--update",
-        default="none",
-        help="weight update of the searches (their --update) and of the chosen formulas' validation (none)",
+        default=update,
+        help=f"weight update of the searches (their --update) and of the chosen formulas' validation ({update}, "
+        "the CPU profile's)",
     )
     p.add_argument(
         "--per-setting",
@@ -162,7 +165,7 @@ def search_command(args, seed: int, run_dir: Path, resume: bool, setting: str | 
     where += ["--settings", setting] if setting and not resume else []
     return [
         sys.executable, "-m", "metric_search", "--seed", str(seed), *where, "--json", "--quiet",
-        *model_flags(args), *(["--update", args.update] if args.update != "none" else []),
+        *model_flags(args), "--update", args.update,
         *shlex.split(args.search_args),
     ]  # fmt: skip
 

@@ -9,7 +9,6 @@ from fitness.evaluator import TOP_RUNGS
 from fitness.windows import WINDOW_ORDERS
 from metric_search import cluster
 from metric_search.config import (
-    DEFAULT_SETTINGS,
     PROFILES,
     ExecutionSettings,
     SearchSettings,
@@ -53,6 +52,8 @@ def _profile_value(profile, dest: str):
         return getattr(profile.search.evaluator, EVALUATOR_FIELDS[dest])
     if dest in EXECUTION_FIELDS:
         return getattr(profile.execution, EXECUTION_FIELDS[dest])
+    if dest == "settings":
+        return ",".join(profile.search.evaluator.patterns)
     return getattr(profile.search, dest)  # a field no single flag sets, e.g. init_min_depth
 
 
@@ -120,7 +121,7 @@ def _fitness_flags(f) -> None:
     """How a formula is judged: settings, data, the ladder's budgets, the final check."""
     f.add_argument(
         "--settings",
-        help=f"sparsity settings the fitness averages over: comma list of ratios and N:M ({DEFAULT_SETTINGS})",
+        help=f"sparsity settings the fitness averages over: comma list of ratios and N:M ({_default('settings')})",
     )
     f.add_argument("--sparsity", type=float, help="one unstructured setting instead of --settings")
     f.add_argument("--pattern", help="one N:M setting instead of --settings, e.g. 2:4")
@@ -286,7 +287,7 @@ def settings_from_args(args) -> SearchSettings:
     profile = PROFILES[args.profile].search
     evaluator = replace(
         profile.evaluator, **_given(args, EVALUATOR_FIELDS), model=args.model, dtype=args.dtype,
-        device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir, patterns=_patterns(args),
+        device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir, patterns=_patterns(args, profile.evaluator.patterns),
     )  # fmt: skip
     for flag, name in (("--calib", evaluator.calib), ("--fitness-data", evaluator.fitness_data)):
         if name not in CORPORA:
@@ -301,15 +302,15 @@ def settings_from_args(args) -> SearchSettings:
     return settings
 
 
-def _patterns(args) -> tuple[str, ...]:
-    """--settings, or one setting from --sparsity / --pattern (not both kinds at once)."""
+def _patterns(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    """--settings, or one setting from --sparsity / --pattern (not both kinds at once); else ``default``."""
     from pruning_core.masks import parse_pattern, parse_settings
 
     single = args.sparsity is not None or args.pattern is not None
     if single and args.settings is not None:
         raise UsageError("pass either --settings or --sparsity/--pattern, not both")
     if not single:
-        return parse_settings(DEFAULT_SETTINGS if args.settings is None else args.settings)
+        return default if args.settings is None else parse_settings(args.settings)
     sparsity, n, m = parse_pattern(args.pattern, 0.5 if args.sparsity is None else args.sparsity)
     return parse_settings(f"{n}:{m}" if m else f"{sparsity}")
 

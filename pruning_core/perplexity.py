@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from pruning_core.errors import UsageError
 
+NLL_SLICE_LOGITS = 1 << 21  # logits per cross-entropy call on the CPU (8 MiB)
+
 
 def max_positions(model) -> int | None:
     config = model.config
@@ -47,10 +49,20 @@ def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None =
 def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL per window (float64), from logits (b, t, V) and token ids (b, t)."""
     vocab = logits.shape[-1]
-    losses = F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), windows[:, 1:].reshape(-1), reduction="none"
-    )
-    return losses.view(windows.shape[0], -1).sum(dim=1, dtype=torch.float64)
+    # On the CPU, slices of positions whose log-softmax fits in the cache: over a whole window it would run
+    # from main memory (~3x slower at 512 x 49k logits). Each position's loss is the same either way.
+    step = max(1, NLL_SLICE_LOGITS // vocab) if logits.device.type == "cpu" else logits.shape[1]
+    sums = []
+    for predicting, ids in zip(logits[:, :-1], windows):
+        targets = ids[1:]
+        losses = [
+            F.cross_entropy(
+                predicting[first : first + step].float(), targets[first : first + step], reduction="none"
+            )
+            for first in range(0, targets.numel(), step)
+        ]
+        sums.append(torch.cat(losses).sum(dtype=torch.float64))
+    return torch.stack(sums)
 
 
 @torch.no_grad()

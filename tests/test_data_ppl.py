@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pruning_core import perplexity as perplexity_module
 from pruning_core.data import calibration_windows, corpus_tokens, load_rows, tokenize_corpus
 from pruning_core.perplexity import make_windows, perplexity
 
@@ -50,7 +52,11 @@ def test_windows_drop_the_tail():
     assert make_windows(ids, 128, max_windows=3).shape == (3, 128)
 
 
-def test_perplexity_equals_a_direct_cross_entropy_loop(tiny_model_dir, data_dir):
+# whole windows per cross-entropy call, or slices of 10 positions (63 predicted: the last slice is short)
+@pytest.mark.parametrize("slice_logits", [None, 10 * 320])
+def test_perplexity_equals_a_direct_cross_entropy_loop(tiny_model_dir, data_dir, monkeypatch, slice_logits):
+    if slice_logits:
+        monkeypatch.setattr(perplexity_module, "NLL_SLICE_LOGITS", slice_logits)
     path = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
