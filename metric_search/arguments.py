@@ -66,7 +66,7 @@ def _default(dest: str) -> str:
     }
     if len(set(shown.values())) == 1:
         return next(iter(shown.values()))
-    return ", ".join(f"{name} {text}" for name, text in shown.items())
+    return "; ".join(f"{name} {text}" for name, text in shown.items())
 
 
 def search_parser() -> OneLineParser:

@@ -54,10 +54,12 @@ class CompiledFormula:
         stats = stats or {}
         shape, device = weight.shape, weight.device
         slots: list[torch.Tensor] = []
+        inputs = []  # storages of the terminals: the weight's and the statistics' memory
         for step in self._steps:
             kind = step[0]
             if kind == "terminal":
                 slots.append(terminal_tensor(step[1], weight, stats))
+                inputs.append(slots[-1].untyped_storage().data_ptr())
             elif kind == "constant":
                 slots.append(torch.full((), step[1], dtype=torch.float32, device=device))
             elif kind == "pow":
@@ -67,8 +69,17 @@ class CompiledFormula:
                 if op.matrix_wide:
                     args = [a.expand(shape) for a in args]
                 slots.append(op.kernel(*args))
-        # A fresh tensor: never an alias of the weight, always the weight's full shape.
-        return torch.empty(shape, dtype=torch.float32, device=device).copy_(slots[-1])
+        # A fresh tensor: never an alias of the weight or a statistic, always the weight's full shape. A
+        # computed result that already is one is returned as it is (a copy costs a pass over the model).
+        result = slots[-1]
+        fresh = (
+            self._steps[-1][0] != "constant"
+            and result.shape == shape
+            and result.dtype == torch.float32
+            and result.is_contiguous()
+            and result.untyped_storage().data_ptr() not in inputs
+        )
+        return result if fresh else torch.empty(shape, dtype=torch.float32, device=device).copy_(result)
 
 
 _cache: OrderedDict[str, CompiledFormula] = OrderedDict()

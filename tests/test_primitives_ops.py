@@ -185,11 +185,18 @@ def test_terminals_broadcast_per_column_statistics_over_rows():
     assert torch.allclose(compile_formula("U * G")(weight, precomputed), cases["U * G"], rtol=1e-5)
 
 
-def test_scores_never_alias_the_weight():
-    weight = torch.randn(3, 4)
-    scores = compile_formula("W")(weight, {})
-    scores.zero_()
-    assert weight.abs().sum() > 0
+def test_scores_never_alias_the_weight_or_a_statistic():
+    """Every operator on W and on G (a float32 statistic the terminal passes through): writing the scores
+    leaves the inputs as they were."""
+    weight, g = torch.randn(3, 4), torch.randn(3, 4)
+    texts = ["W", "G"]
+    for name, op in OPS.items():
+        if name != "pow":
+            texts += [f"{name}(W)", f"{name}(G)"] if op.arity == 1 else [f"{name}(W, G)", f"{name}(G, W)"]
+    for text in texts:
+        before = weight.clone(), g.clone()
+        compile_formula(text, "matrix")(weight, {"G": g}).fill_(7.0)
+        assert torch.equal(weight, before[0]) and torch.equal(g, before[1]), text
 
 
 def test_missing_statistic_is_a_usage_error():

@@ -477,11 +477,11 @@ def test_every_default_in_search_help_is_the_one_the_search_uses():
             "--promote": s.promote, "--tune": s.tune, "--final-top": s.final_top,
             "--final-windows": s.final_windows, "--threads": x.threads, "--candidate-timeout": x.candidate_timeout,
             "--actors-per-gpu": x.actors_per_gpu, "--top-rung": e.top_rung, "--fitness-batch": e.batch_size,
-            "--window-order": e.window_order,
+            "--window-order": e.window_order, "--settings": ",".join(e.patterns),
         }  # fmt: skip
         for flag, value in resolved.items():
             text = helps[flag]
-            found = re.search(rf"\b{profile} ([^,;)]+)", text) or re.findall(
+            found = re.search(rf"\b{profile} ([^;)]+)", text) or re.findall(
                 r"\((?:default )?([^()]+)\)", text
             )
             shown = found.group(1) if isinstance(found, re.Match) else found[-1]
