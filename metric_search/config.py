@@ -85,10 +85,11 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
     return Profile(replace(search, evaluator=evaluator), execution)
 
 
-# CPU profile: the README's main command on smollm2-135m within ~25 minutes on 2 cores. It searches the
-# mask for SparseGPT's OBS update at 50%: on this model no mask alone beats Wanda's outside the noise at 50%,
-# while masks for the update do (`sqrt(X) * abs(W)`, 0.96 of Wanda+obs held out in 2 of 3 seeds), and one
-# setting per search finds more than the mean over 50% and 2:4 (README, "One setting per search").
+# CPU profile: the README's main command on smollm2-135m (27 min for seed 2 on one 2-core machine; a top-rung
+# formula costs ~140 s). It searches the mask for SparseGPT's OBS update at 50%: on this model no mask alone
+# beats Wanda's outside the noise at 50%, while masks for the update do (`sqrt(X) * abs(W)`, 0.96 of
+# Wanda+obs held out in 2 of 3 seeds), and one setting per search finds more than the mean over 50% and 2:4
+# (README, "One setting per search").
 # Fitness follows the validation protocol (512-token windows); the ladder: the proxy screens every new
 # formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote` of
 # those (if among the best quarter so far) climb to `top_windows`, pruned by the sequential driver at one
