@@ -39,7 +39,8 @@ def search_flags(settings: SearchSettings) -> list[str]:
             "--fitness-seqlen", str(e.fitness_seqlen), "--population", str(settings.population),
             "--generations", str(settings.generations), "--seed", str(settings.seed),
             "--confirm", str(settings.confirm), "--seed-formulas", ",".join(settings.seed_formulas),
-            "--settings", ",".join(e.patterns), "--top-windows", str(e.top_windows),
+            "--settings", ",".join(e.patterns), "--top-windows", str(e.top_windows), "--update", e.update,
+            "--top-rung", e.top_rung,
             "--promote", str(settings.promote), "--tune", str(settings.tune),
             "--final-top", str(settings.final_top), "--final-windows", str(settings.final_windows)]  # fmt: skip
 
