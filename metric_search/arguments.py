@@ -287,7 +287,8 @@ def settings_from_args(args) -> SearchSettings:
     profile = PROFILES[args.profile].search
     evaluator = replace(
         profile.evaluator, **_given(args, EVALUATOR_FIELDS), model=args.model, dtype=args.dtype,
-        device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir, patterns=_patterns(args, profile.evaluator.patterns),
+        device=args.device, cache_dir=args.cache_dir, data_dir=args.data_dir,
+        patterns=_patterns(args, profile.evaluator.patterns),
     )  # fmt: skip
     for flag, name in (("--calib", evaluator.calib), ("--fitness-data", evaluator.fitness_data)):
         if name not in CORPORA:
