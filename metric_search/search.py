@@ -18,6 +18,7 @@ from metric_search.checkpoint import SearchState, load_checkpoint, save_checkpoi
 from metric_search.config import BASELINES, CONFIG_VERSION, ExecutionSettings, SearchSettings
 from metric_search.dispatch import EvaluatorPool, Job
 from metric_search.engine import Engine, Individual
+from metric_search.final import REFERENCE
 from metric_search.report import write_report
 from metric_search.results import write_progress_files
 from metric_search.selection import (
@@ -33,6 +34,11 @@ from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
 from pruning_core import files
 from pruning_core.errors import UsageError
+
+# A baseline climbs to the top rung when its base perplexity is within this factor of Wanda's (the reference
+# of every ratio): magnitude's (~3x Wanda's on the default model) would take a whole round of the pool's
+# workers to confirm what the base rung already shows.
+TOP_BASELINE_FACTOR = 1.5
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
@@ -161,6 +167,11 @@ class Search:
         save_checkpoint(self.run_dir, self.state)
         write_progress_files(self.run_dir, self.config, self.state)
 
+    def _update_hall_of_fame(self, keys: list[str]) -> None:
+        self.state.hall_of_fame = update_hall_of_fame(
+            self.state.hall_of_fame, keys, self.state.candidates, self.settings.hof_size
+        )
+
     # --- stages --------------------------------------------------------------------------------
 
     def _baselines(self, evaluations: _Evaluations) -> None:
@@ -169,27 +180,47 @@ class Search:
         for name in BASELINES:
             text = KNOWN_FORMULAS[name]
             self.state.baselines[name] = {"formula": text, "canonical": canonical_key(text, group)}
-        keys = [entry["canonical"] for entry in self.state.baselines.values()]
         for fidelity in FIDELITIES:
-            results = evaluations.fetch(list(dict.fromkeys(keys)), fidelity, tally, "baselines")
-            for entry in self.state.baselines.values():
+            entries = [e for e in self.state.baselines.values() if self._baseline_climbs(e, fidelity)]
+            keys = list(dict.fromkeys(entry["canonical"] for entry in entries))
+            results = evaluations.fetch(keys, fidelity, tally, "baselines")
+            for entry in entries:
                 entry[fidelity] = _lite(results[entry["canonical"]])
         self._checkpoint()
 
-    def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str) -> None:
+    def _baseline_climbs(self, entry: dict, fidelity: str) -> bool:
+        """Every rung below the top; the top for Wanda and those close to it (TOP_BASELINE_FACTOR)."""
+        if fidelity != FIDELITIES[-1]:
+            return True
+        below = FIDELITIES[-2]
+        reference, own = value(self.state.baselines[REFERENCE], below), value(entry, below)
+        return reference is None or (own is not None and own <= TOP_BASELINE_FACTOR * reference)
+
+    def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str,
+                  tuning: tuple[str | None, list[str]] = (None, [])) -> None:  # fmt: skip
         """Up the ladder: the proxy for every new formula (unless single-fidelity), base perplexity for
         the best ``confirm`` by proxy (every new one without the proxy), the top rung for the best
-        ``promote`` by base perplexity."""
+        ``promote`` by base perplexity. ``tuning``: a parent measured at the top rung and its variants
+        (see ``_tuning_parent``), which climb with the population: every variant gets the proxy and base
+        perplexity, the top rung those that beat the parent's base perplexity. One fetch per rung for
+        both, so a generation's tops and its variants' run side by side on the pool's workers."""
         s, candidates = self.settings, self.state.candidates
+        parent, variants = tuning
         if s.multi_fidelity:
-            self._store(evaluations.fetch(needing(keys, candidates, "proxy"), "proxy", tally, label), "proxy")
+            proxy = needing([*keys, *variants], candidates, "proxy")
+            self._store(evaluations.fetch(proxy, "proxy", tally, label), "proxy")
             base = to_promote(keys, candidates, "ppl", s.confirm)
         else:
             base = needing(keys, candidates, "ppl")
+        base += needing(variants, candidates, "ppl")
         self._store(evaluations.fetch(base, "ppl", tally, label), "ppl")
-        self._store(
-            evaluations.fetch(to_promote(keys, candidates, "top", s.promote), "top", tally, label), "top"
-        )
+        top = to_promote(keys, candidates, "top", s.promote)
+        if parent is not None:
+            parent_ppl = value(candidates[parent], "ppl")
+            top += [
+                k for k in needing(variants, candidates, "top") if value(candidates[k], "ppl") < parent_ppl
+            ]
+        self._store(evaluations.fetch(top, "top", tally, label), "top")
 
     def _untried_neighbours(self, key: str) -> list[Individual]:
         """Up to ``tune`` formulas one constant step from ``key`` that were never measured."""
@@ -230,27 +261,13 @@ class Search:
                 return key, variants
         return None, []
 
-    def _tune(self, population: list[Individual], generation: int, evaluations, tally: Counter) -> list:
-        """Local tuning, one constant at a time, of a formula measured at the top rung (see
-        ``_tuning_parent``): up to ``tune`` new variants climb the ladder (base perplexity for all, the
-        top rung for those that beat that parent there); a variant that beats the parent at the top rung
-        replaces the population's worst."""
-        s, candidates = self.settings, self.state.candidates
-        if not s.tune:
+    def _adopt(self, population: list[Individual], tuning: tuple[str | None, list[Individual]],
+               tally: Counter) -> list[Individual]:  # fmt: skip
+        """Tuning variants that beat their parent at the top rung replace the population's worst."""
+        parent, variants = tuning
+        if parent is None:
             return population
-        parent, variants = self._tuning_parent()
-        if not variants:
-            return population
-        self._register(variants, generation)
-        keys = [v.canonical for v in variants]
-        label = f"gen {generation} tuning"
-        for fidelity in ("proxy", "ppl") if s.multi_fidelity else ("ppl",):
-            self._store(
-                evaluations.fetch(needing(keys, candidates, fidelity), fidelity, tally, label), fidelity
-            )
-        parent_ppl = value(candidates[parent], "ppl")
-        climbing = [k for k in needing(keys, candidates, "top") if value(candidates[k], "ppl") < parent_ppl]
-        self._store(evaluations.fetch(climbing, "top", tally, label), "top")
+        candidates = self.state.candidates
         parent_top = value(candidates[parent], "top")
         tops = {v.canonical: value(candidates[v.canonical], "top") for v in variants}
         better = [v for v in variants if tops[v.canonical] is not None and tops[v.canonical] < parent_top]
@@ -274,15 +291,16 @@ class Search:
         self._register(population, generation)
         tally: Counter = Counter()
         keys = [ind.canonical for ind in population]
-        self._evaluate(keys, evaluations, tally, f"gen {generation}")
-        self.state.hall_of_fame = update_hall_of_fame(
-            self.state.hall_of_fame, keys, self.state.candidates, self.settings.hof_size
-        )
-        population = self._tune(population, generation, evaluations, tally)
+        # what is known of the population so far (a seed formula carries a baseline's top rung) ranks
+        # the formulas a tuning parent is drawn from
+        self._update_hall_of_fame(keys)
+        parent, variants = self._tuning_parent() if self.settings.tune else (None, [])
+        self._register(variants, generation)
+        tuning = (parent, [v.canonical for v in variants])
+        self._evaluate(keys, evaluations, tally, f"gen {generation}", tuning)
+        population = self._adopt(population, (parent, variants), tally)
         keys = [ind.canonical for ind in population]
-        self.state.hall_of_fame = update_hall_of_fame(
-            self.state.hall_of_fame, keys, self.state.candidates, self.settings.hof_size
-        )
+        self._update_hall_of_fame([*keys, *(ind.canonical for ind in elites + offspring)])
         self.state.population = [(ind.formula, ind.canonical) for ind in population]
         self.state.generation = generation
         self.state.history.append(self._summary(generation, offspring_keys, known, keys, tally, started))
@@ -325,7 +343,7 @@ class Search:
         key = self.state.hall_of_fame[0]
         entry = self.state.candidates[key]
         rung = next(f for f in reversed(FIDELITIES) if value(entry, f) is not None)
-        wanda = value(self.state.baselines.get("wanda", {}), rung)
+        wanda = value(self.state.baselines.get(REFERENCE, {}), rung)
         ratio = f" {value(entry, rung) / wanda:.3f}x wanda" if wanda else ""
         rates = self.state.history[-1].get("per_minute", {}) if self.state.history else {}
         speed = "; per min " + " ".join(f"{f} {rate:g}" for f, rate in rates.items()) if rates else ""

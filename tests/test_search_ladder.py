@@ -24,6 +24,7 @@ from metric_search.search import Search, _Evaluations, start_run
 from primitives import canonical_key, parse_formula
 from primitives.scorer import FormulaScorer
 from primitives.tree import depth
+from primitives.tuning import constant_neighbours
 from pruning_core.errors import UsageError
 from pruning_core.masks import keep_mask
 from pruning_core.spec import SparsitySpec
@@ -88,9 +89,11 @@ class FakePool:
 
     def __init__(self, fail: dict | None = None, values: dict | None = None):
         self.jobs: list[tuple[str, str]] = []
+        self.batches: list[list[tuple[str, str]]] = []  # what each call ran
         self.fail, self.values = fail or {}, values or {}
 
     def run(self, jobs, on_result=None):
+        self.batches.append([(job.formula, job.fidelity) for job in jobs])
         results = []
         for index, job in enumerate(jobs):
             self.jobs.append((job.formula, job.fidelity))
@@ -115,6 +118,18 @@ def new_search(tmp_path, **overrides) -> Search:
     run_dir = tmp_path / "run"
     start_run(s, run_dir, "run", ExecutionSettings())
     return Search(s, ExecutionSettings(progress=False), run_dir)
+
+
+def tune(search: Search, population, generation: int, pool) -> list:
+    """A generation's tuning alone (the population already measured): parent, variants up the ladder,
+    adoption, as ``Search._generation`` composes them."""
+    from collections import Counter
+
+    parent, variants = search._tuning_parent()
+    search._register(variants, generation)
+    evaluations = _Evaluations(pool, Memo(), False)
+    search._evaluate([], evaluations, Counter(), "tuning", (parent, [v.canonical for v in variants]))
+    return search._adopt(population, (parent, variants), Counter())
 
 
 def test_the_ladder_climbs_as_specified(tmp_path):
@@ -146,8 +161,34 @@ def test_the_ladder_climbs_as_specified(tmp_path):
     assert not [k for k, f in pool.jobs if f == "proxy"]
 
 
+def test_generation_zero_tunes_wanda_and_runs_its_tops_in_one_fetch_with_the_variants(tmp_path):
+    """Baselines: magnitude, far behind Wanda at the base rung, never climbs to the top. Generation 0:
+    Wanda (a seed formula carrying its baseline results) is tuned at once, and the variants that beat its
+    base perplexity reach the top rung in the same pool call as the generation's own promotions."""
+    seeds = ("abs(W) * X", "abs(W)", "sqr(W) * mms(G)")
+    search = new_search(tmp_path, tune=2, promote=2, seed_formulas=seeds)
+    wanda, magnitude, pruner_zero = map(canonical_key, seeds)
+    # fake_value's perplexities are below 11: every variant beats Wanda's 20; Wanda leads at the top rung
+    values = {(wanda, "ppl"): 20.0, (magnitude, "ppl"): 31.0, (pruner_zero, "ppl"): 29.0, (wanda, "top"): 0.5}
+    pool = FakePool(values=values)
+    evaluations = _Evaluations(pool, Memo(), False)
+    search._baselines(evaluations)
+    baseline_tops = {key for key, fidelity in pool.jobs if fidelity == "top"}
+    assert baseline_tops == {wanda, pruner_zero}  # 29 <= 1.5 * 20 < 31
+
+    pool.batches.clear()
+    population = search._generation(0, [], evaluations)
+    members = {ind.canonical for ind in population}
+    variants = {k for k, e in search.state.candidates.items() if e["generation"] == 0} - members - {magnitude}
+    steps = {canonical_key(t) for t in constant_neighbours(seeds[0])}
+    assert len(variants) == 2 and variants <= steps
+    top_batches = [batch for batch in pool.batches if batch[0][1] == "top"]
+    assert len(top_batches) == 1
+    tops = {key for key, _ in top_batches[0]}
+    assert variants <= tops and len(tops - variants) == 2  # the variants and the generation's best 2
+
+
 def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_path):
-    from collections import Counter
 
     from primitives.tuning import constant_neighbours
 
@@ -165,7 +206,7 @@ def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_pa
     values = {(good, "ppl"): 39.0, (good, "top"): 38.0, (bad, "ppl"): 45.0}
     pool = FakePool(values=values)
 
-    tuned = search._tune(population, 1, _Evaluations(pool, Memo(), False), Counter())
+    tuned = tune(search, population, 1, pool)
 
     assert sorted(pool.jobs) == sorted(
         [(good, "proxy"), (good, "ppl"), (good, "top"), (bad, "proxy"), (bad, "ppl")]
@@ -175,7 +216,6 @@ def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_pa
 
 
 def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_steps_are_spent(tmp_path):
-    from collections import Counter
 
     from primitives.tuning import constant_neighbours
 
@@ -197,7 +237,7 @@ def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_step
     values = {(good, "ppl"): 41.0, (good, "top"): 43.0, (bad, "ppl"): 45.0}  # good: beats the second only
     pool = FakePool(values=values)
 
-    tuned = search._tune(population, 1, _Evaluations(pool, Memo(), False), Counter())
+    tuned = tune(search, population, 1, pool)
 
     assert sorted(pool.jobs) == sorted(
         [(good, "proxy"), (good, "ppl"), (good, "top"), (bad, "proxy"), (bad, "ppl")]
@@ -209,13 +249,12 @@ def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_step
     for key in steps[2:]:  # every step of both measured: nothing left to tune
         search.state.candidates[key].update(ppl={"fitness": 60.0, "reason": None})
     pool = FakePool()
-    assert search._tune(tuned, 2, _Evaluations(pool, Memo(), False), Counter()) == tuned and not pool.jobs
+    assert tune(search, tuned, 2, pool) == tuned and not pool.jobs
 
 
 def test_tuning_spreads_over_the_top_rung_taking_the_formula_with_fewest_steps_measured(tmp_path):
     """The head has measured steps and untried ones; the second has none measured: the second is
     tuned. Once it has as many measured as the head, the head (better ranked) comes first again."""
-    from collections import Counter
 
     from primitives.tuning import constant_neighbours
 
@@ -235,11 +274,11 @@ def test_tuning_spreads_over_the_top_rung_taking_the_formula_with_fewest_steps_m
     search.state.hall_of_fame = [head, second]
 
     pool = FakePool()
-    search._tune(population, 1, _Evaluations(pool, Memo(), False), Counter())
+    tune(search, population, 1, pool)
     assert {key for key, _ in pool.jobs} == {second_steps[0]}
 
     pool = FakePool()  # one step measured each: the better ranked head, its next untried step
-    search._tune(population, 2, _Evaluations(pool, Memo(), False), Counter())
+    tune(search, population, 2, pool)
     assert {key for key, _ in pool.jobs} == {head_steps[1]}
 
 

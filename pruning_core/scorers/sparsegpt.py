@@ -5,7 +5,7 @@ The damped inverse Hessian is used through its upper Cholesky factor U (H^-1 = U
 divided by U_jj, is the OBS update that removing weight j sends to columns > j once columns < j are
 fixed, and U_jj^2 is the matching [H^-1]_jj, so the selection criterion w^2 / U_jj^2 is the OBS
 saliency of the paper. Updates inside a 128-column block are applied column by column; the block's
-accumulated error reaches the later columns in one matrix product (the paper's lazy batch update).
+accumulated error reaches the later columns in matrix products (the paper's lazy batch update).
 
 Mask selection:
   * N:M: at every group of M consecutive columns, the N lowest w^2 / U_jj^2 of each row, on the
@@ -36,6 +36,8 @@ from pruning_core.masks import keep_mask
 from pruning_core.scorers.base import Solver, SparsitySpec, register
 
 BLOCK_SIZE = 128
+# Columns whose errors reach the later columns in one product (see sequential_obs)
+LAZY_COLUMNS = 256
 PERCDAMP = 0.01
 
 # select(first_column, current weights of the span (..., rows, width), the factor's diagonal over the
@@ -88,31 +90,54 @@ def sequential_obs(
     """Prune W column by column with OBS updates, over any leading batch dimensions (weight (..., rows,
     cols), factor (..., cols, cols)): stacking layers of one shape runs the column loop once for all.
     ``select`` picks the mask of each span of ``span`` columns just before the span is processed, on
-    the weights as updated so far. Returns (new float32 weight, pruned entries exactly 0; pruned mask)."""
+    the weights as updated so far. Returns (new float32 weight, pruned entries exactly 0; pruned mask).
+
+    Two levels of lazy updates: a block's error reaches the rest of its group of LAZY_COLUMNS columns at
+    the block's end, the group's error the columns after the group at the group's end (one product
+    instead of rewriting every later column after every block). Inside a block the weights are held
+    transposed, so the column-by-column updates run over contiguous rows."""
     if block_size % span:
         raise ValueError(f"block size {block_size} must be a multiple of the span {span}")
     w = weight.float().clone()
     cols = w.shape[-1]
+    group = block_size * max(1, LAZY_COLUMNS // block_size)  # whole blocks, so N:M groups stay aligned
     pruned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block = w[..., start:end].clone()
-        block_factor = factor[..., start:end, start:end]
-        block_diag = torch.diagonal(block_factor, dim1=-2, dim2=-1)
-        block_pruned = pruned[..., start:end]  # a view: the spans' selections land in ``pruned``
-        errors = torch.zeros_like(block)
-        for j in range(end - start):
-            if j % span == 0:
-                stop = min(j + span, end - start)
-                block_pruned[..., j:stop] = select(start + j, block[..., j:stop], block_diag[..., j:stop])
-            error = torch.where(block_pruned[..., j], block[..., j], 0.0) / block_diag[..., j : j + 1]
-            # OBS: removing w_j shifts the later weights of the row by -w_j / U_jj * U_j,j: ...
-            block[..., j:] -= error.unsqueeze(-1) * block_factor[..., j : j + 1, j:]
-            errors[..., j] = error
-        w[..., start:end] = block.masked_fill(block_pruned, 0.0)
-        # ... and the same update, for the whole block at once, on the columns after the block
-        w[..., end:] -= errors @ factor[..., start:end, end:]
+    for first in range(0, cols, group):
+        last = min(first + group, cols)
+        errors = torch.empty((*w.shape[:-1], last - first), dtype=w.dtype, device=w.device)
+        for start in range(first, last, block_size):
+            end = min(start + block_size, last)
+            block_errors = _obs_block(w, factor, select, span, pruned, start, end)
+            w[..., end:last] -= block_errors @ factor[..., start:end, end:last]
+            errors[..., start - first : end - first] = block_errors
+        w[..., last:] -= errors @ factor[..., first:last, last:]
     return w, pruned
+
+
+def _obs_block(w, factor, select: SpanSelector, span: int, pruned, start: int, end: int) -> torch.Tensor:
+    """Columns [start, end) of ``w`` pruned and updated in place and their pruned mask written to
+    ``pruned``; returns their OBS errors (..., rows, width). The later columns are left to the caller."""
+    block = w[..., start:end].transpose(-1, -2).contiguous()  # (..., width, rows)
+    block_factor = factor[..., start:end, start:end]
+    # [..., j', j, 0] = U[j, j']: column j's update of column j', as a column over the rows
+    updates = block_factor.transpose(-1, -2).unsqueeze(-1)
+    diag = torch.diagonal(block_factor, dim1=-2, dim2=-1).unsqueeze(-1)  # (..., width, 1)
+    block_pruned = torch.empty(block.shape, dtype=torch.bool, device=w.device)
+    block_errors = torch.empty_like(block)
+    for j in range(end - start):
+        if j % span == 0:
+            stop = min(j + span, end - start)
+            span_weights = block[..., j:stop, :].transpose(-1, -2).contiguous()
+            block_pruned[..., j:stop, :] = select(start + j, span_weights, diag[..., j:stop, 0]).transpose(
+                -1, -2
+            )
+        error = torch.where(block_pruned[..., j, :], block[..., j, :], 0.0) / diag[..., j, :]
+        # OBS: removing w_j shifts the later weights of the row by -w_j / U_jj * U_j,j'
+        block[..., j:, :] -= updates[..., j:, j, :] * error.unsqueeze(-2)
+        block_errors[..., j, :] = error
+    pruned[..., start:end] = block_pruned.transpose(-1, -2)
+    w[..., start:end] = block.masked_fill_(block_pruned, 0.0).transpose(-1, -2)
+    return block_errors.transpose(-1, -2)
 
 
 def live_weight(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
