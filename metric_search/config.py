@@ -21,6 +21,10 @@ CONFIG_VERSION = 2  # 2: several sparsity settings, a three-rung fidelity ladder
 SEARCH_UPDATES = ("none", "obs", "adaptive")  # weight updates cheap enough for the fitness loop
 
 BASELINES = ("wanda", "magnitude", "pruner-zero")
+# A baseline climbs to the top rung when its base perplexity is within this factor of Wanda's (the reference
+# of every ratio): magnitude's (~3x Wanda's on the default model) would take a whole round of the pool's
+# workers to confirm what the base rung already shows.
+TOP_BASELINE_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # workers, so no rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at a time.
 CPU_PROFILE = _profile(
     SearchSettings(
-        generations=8, population=20, confirm=4, promote=2, tune=2, final_top=2, final_windows=16,
+        generations=7, population=20, confirm=4, promote=2, tune=2, final_top=2, final_windows=16,
         evaluator=EvaluatorSettings(
             nsamples=16, calib_seqlen=512, fitness_windows=2, top_windows=8, fitness_seqlen=512,
             patterns=("0.5",), update="obs", top_rung="one-pass", batch_size=1,

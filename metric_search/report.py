@@ -9,6 +9,7 @@ from pathlib import Path
 
 from metric_search import rundir
 from metric_search.checkpoint import SearchState
+from metric_search.config import TOP_BASELINE_FACTOR
 from metric_search.results import baseline_entries, hall_of_fame_entries
 from primitives import parse_formula
 from primitives.tree import size
@@ -260,6 +261,8 @@ def _best_section(state: SearchState) -> list[str]:
                 for name, e in baselines.items()
             ],
         ),
+        "",
+        f"A baseline whose base perplexity is over {TOP_BASELINE_FACTOR:g}x Wanda's skips the top rung.",
         "",
     ]
 

@@ -15,7 +15,13 @@ from fitness.memo import Memo
 from fitness.setup import resolved_numbers
 from metric_search import rundir
 from metric_search.checkpoint import SearchState, load_checkpoint, save_checkpoint
-from metric_search.config import BASELINES, CONFIG_VERSION, ExecutionSettings, SearchSettings
+from metric_search.config import (
+    BASELINES,
+    CONFIG_VERSION,
+    TOP_BASELINE_FACTOR,
+    ExecutionSettings,
+    SearchSettings,
+)
 from metric_search.dispatch import EvaluatorPool, Job
 from metric_search.engine import Engine, Individual
 from metric_search.final import REFERENCE
@@ -34,11 +40,6 @@ from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
 from pruning_core import files
 from pruning_core.errors import UsageError
-
-# A baseline climbs to the top rung when its base perplexity is within this factor of Wanda's (the reference
-# of every ratio): magnitude's (~3x Wanda's on the default model) would take a whole round of the pool's
-# workers to confirm what the base rung already shows.
-TOP_BASELINE_FACTOR = 1.5
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
