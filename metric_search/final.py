@@ -62,10 +62,11 @@ def verdict(low: float, high: float, same_as_reference: bool) -> str:
 def choose(rows: list[dict], reference_key: str) -> dict:
     """The lowest ratio among the formulas better than Wanda outside the noise, else Wanda itself: a
     formula within the noise is a coin flip (seed 1's 0.998 [0.945, 1.053] at 2:4 lost by 8% on
-    WikiText-2 test), and one that loses is never chosen as the least bad."""
+    WikiText-2 test), and one that loses is never chosen as the least bad. Equal ratios (the same masks
+    under two formulas) go to the earlier row: the hall of fame's order, the smaller formula first."""
     reference = {"formula": reference_key, "ratio": 1.0, "ci": [1.0, 1.0], "verdict": verdict(1.0, 1.0, True)}
     better = [r for r in rows if r["formula"] != reference_key and r["ci"][1] < 1.0]
-    return min(better, key=lambda r: (r["ratio"], r["formula"]), default=reference)
+    return min(better, key=lambda r: r["ratio"], default=reference)
 
 
 class _Measurer:

@@ -28,6 +28,7 @@ from metric_search.final import REFERENCE
 from metric_search.report import write_report
 from metric_search.results import write_progress_files
 from metric_search.selection import (
+    distinct_results,
     drop_transient,
     needing,
     ordered,
@@ -358,9 +359,9 @@ class Search:
         if s.final_top and self.state.final is None and self.state.hall_of_fame:
             from metric_search.final import final_check
 
-            self.state.final = final_check(
-                s, self.state.hall_of_fame, self.engine.group, self.execution.progress
-            )
+            # a formula that prunes exactly as a better-ranked one would take a final slot for nothing
+            heads = distinct_results(self.state.hall_of_fame, self.state.candidates)
+            self.state.final = final_check(s, heads, self.engine.group, self.execution.progress)
             self._checkpoint()
             write_report(self.run_dir, self.config, self.state)
         return self.state

@@ -69,6 +69,19 @@ def rank_key(key: str, entry: dict) -> tuple:
     return -rung, fitness, *_tie_break(key, entry)
 
 
+def distinct_results(keys, candidates: dict) -> list[str]:
+    """``keys`` without those whose results equal an earlier key's at every rung: two formulas the
+    canonical form could not merge (e.g. ``sqrt(X) * abs(W)`` and ``sqrt(X) * (abs(W) + rownorm(abs(W)))``,
+    rank-equivalent within rows) that prune the very same weights measure bit-identical perplexities."""
+    seen, distinct = set(), []
+    for key in keys:
+        results = tuple(value(candidates[key], f) for f in FIDELITIES)
+        if results not in seen:
+            seen.add(results)
+            distinct.append(key)
+    return distinct
+
+
 def unique_in_order(keys) -> list[str]:
     return list(dict.fromkeys(keys))
 

@@ -436,6 +436,23 @@ def test_the_choice_is_wanda_unless_a_formula_beats_it_outside_the_noise():
     rows += [row("d", 0.98, 0.96, 0.995), row("e", 0.96, 0.92, 0.999)]
     assert choose(rows, "X * abs(W)")["formula"] == "e"  # the lowest ratio of those outside the noise
     assert choose([row("X * abs(W)", 1.0, 1.0, 1.0)], "X * abs(W)")["verdict"] == "is Wanda"
+    twins = [
+        row("sqrt(X) * abs(W)", 0.96, 0.94, 0.98),
+        row("sqrt(X) * (abs(W) + rownorm(abs(W)))", 0.96, 0.94, 0.98),
+    ]
+    assert choose(twins, "X * abs(W)")["formula"] == "sqrt(X) * abs(W)"  # equal ratios: the earlier row
+    assert choose(twins[::-1], "X * abs(W)")["formula"] == twins[1]["formula"]
+
+
+def test_the_final_check_skips_formulas_whose_results_repeat_a_better_ranked_ones():
+    from metric_search.selection import distinct_results
+
+    def entry(*values):
+        return {f: None if v is None else {"fitness": v, "reason": None} for f, v in zip(FIDELITIES, values)}
+
+    candidates = {"a": entry(0.1, 50.0, 60.0), "a-twin": entry(0.1, 50.0, 60.0), "b": entry(0.1, 50.0, 61.0),
+                  "c": entry(0.2, 52.0, None), "c-twin": entry(0.2, 52.0, None), "d": entry(0.2, None, None)}  # fmt: skip
+    assert distinct_results(list(candidates), candidates) == ["a", "b", "c", "d"]
 
 
 def test_random_module_is_untouched_by_the_engine():
