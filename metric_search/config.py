@@ -89,8 +89,8 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
     return Profile(replace(search, evaluator=evaluator), execution)
 
 
-# CPU profile: the README's main command on smollm2-135m (27 min for seed 2 on one 2-core machine; a top-rung
-# formula costs ~140 s). It searches the mask for SparseGPT's OBS update at 50%: on this model no mask alone
+# CPU profile: the README's main command on smollm2-135m (22-27 min per seed on one 2-core machine, a top-rung
+# formula ~95 s with both workers busy). It searches the mask for SparseGPT's OBS update at 50%: on this model no mask alone
 # beats Wanda's outside the noise at 50%, while masks for the update do (`sqrt(X) * abs(W)`, 0.96 of
 # Wanda+obs held out in 2 of 3 seeds), and one setting per search finds more than the mean over 50% and 2:4
 # (README, "One setting per search").
