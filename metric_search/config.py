@@ -89,11 +89,11 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
     return Profile(replace(search, evaluator=evaluator), execution)
 
 
-# CPU profile: the README's main command on smollm2-135m (22-27 min per seed on one 2-core machine, a top-rung
-# formula ~95 s with both workers busy). It searches the mask for SparseGPT's OBS update at 50%: on this model no mask alone
-# beats Wanda's outside the noise at 50%, while masks for the update do (`sqrt(X) * abs(W)`, 0.96 of
-# Wanda+obs held out in 2 of 3 seeds), and one setting per search finds more than the mean over 50% and 2:4
-# (README, "One setting per search").
+# CPU profile: the README's main command on smollm2-135m (22-27 min per seed on one 2-core machine, a
+# top-rung formula ~95 s with both workers busy). It searches the mask for SparseGPT's OBS update at 50%: on
+# this model no mask alone beats Wanda's outside the noise at 50%, while masks for the update do
+# (`sqrt(X) * abs(W)`, 0.96 of Wanda+obs held out in 2 of 3 seeds), and one setting per search finds more
+# than the mean over 50% and 2:4 (README, "One setting per search").
 # Fitness follows the validation protocol (512-token windows); the ladder: the proxy screens every new
 # formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote` of
 # those (if among the best quarter so far) climb to `top_windows`, pruned by the sequential driver at one
@@ -101,8 +101,9 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # (one constant changed) of a formula at the top rung (the one with the fewest steps measured) go up the
 # ladder per generation and join only if they beat it at the top rung; at the end the best `final_top` go
 # through the sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda
-# (given the same update; ~1.5 min per formula here, so two and Wanda). Rung budgets are multiples of the two
-# workers, so no rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at a time.
+# (given the same update; ~1.5 min per formula here, so two and Wanda). Rung budgets are multiples of the
+# two workers, so no rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at
+# a time.
 CPU_PROFILE = _profile(
     SearchSettings(
         generations=7, population=20, confirm=4, promote=2, tune=2, final_top=2, final_windows=16,

@@ -189,9 +189,6 @@ def test_generation_zero_tunes_wanda_and_runs_its_tops_in_one_fetch_with_the_var
 
 
 def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_path):
-
-    from primitives.tuning import constant_neighbours
-
     search = new_search(tmp_path, tune=2, population=6)
     texts = ("abs(W) * X", "abs(W)", "sqr(W) * mms(G)", "abs(W) * H", "U", "abs(W) + X")
     population = [search.engine.from_text(t) for t in texts]
@@ -216,9 +213,6 @@ def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_pa
 
 
 def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_steps_are_spent(tmp_path):
-
-    from primitives.tuning import constant_neighbours
-
     search = new_search(tmp_path, tune=2, population=6)
     texts = ("abs(W) * X", "sqrt(X) * abs(W)", "abs(W)", "abs(W) * H", "U", "abs(W) + X")
     population = [search.engine.from_text(t) for t in texts]
@@ -255,9 +249,6 @@ def test_tuning_moves_on_to_the_next_formula_at_the_top_rung_when_the_heads_step
 def test_tuning_spreads_over_the_top_rung_taking_the_formula_with_fewest_steps_measured(tmp_path):
     """The head has measured steps and untried ones; the second has none measured: the second is
     tuned. Once it has as many measured as the head, the head (better ranked) comes first again."""
-
-    from primitives.tuning import constant_neighbours
-
     search = new_search(tmp_path, tune=1, population=6)
     texts = ("abs(W) * X", "sqrt(X) * (colnorm(abs(W)) + rownorm(abs(W)))", "abs(W)", "U", "abs(W) + X")
     population = [search.engine.from_text(t) for t in texts]
