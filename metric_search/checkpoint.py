@@ -31,6 +31,7 @@ class SearchState:
     history: list[dict] = field(default_factory=list)  # one summary per completed generation
     baselines: dict[str, dict] = field(default_factory=dict)  # name -> formula, canonical, fidelities
     final: dict | None = None  # the final check against Wanda (metric_search.final), once done
+    waiting: list[str] = field(default_factory=list)  # canonical keys held for the next top-rung batch
 
 
 def rng_to_json(state: tuple) -> list:
@@ -135,6 +136,7 @@ def state_to_json(state: SearchState) -> dict:
         "history": state.history,
         "baselines": {name: _encode_entry(entry) for name, entry in state.baselines.items()},
         "final": state.final,
+        "waiting": list(state.waiting),
     }
 
 
@@ -167,6 +169,9 @@ def state_from_json(data, check_formula) -> SearchState:
         raise ValueError("history is not a list of objects")
     if any(canonical not in candidates for _, canonical in population):
         raise ValueError("a population member has no result")
+    waiting = data.get("waiting", [])  # absent from checkpoints written before the top rung's batches
+    if not (isinstance(waiting, list) and all(isinstance(k, str) and k in candidates for k in waiting)):
+        raise ValueError("the waiting list names unknown candidates")
     final = data.get("final")
     if final is not None:
         if not isinstance(final, dict) or not isinstance(final.get("rows", []), list):
@@ -184,6 +189,7 @@ def state_from_json(data, check_formula) -> SearchState:
         history=history,
         baselines={str(k): _decode_entry(v, check_formula) for k, v in baselines.items()},
         final=final,
+        waiting=list(waiting),
     )
 
 

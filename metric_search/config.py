@@ -96,8 +96,8 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # than the mean over 50% and 2:4 (README, "One setting per search").
 # Fitness follows the validation protocol (512-token windows); the ladder: the proxy screens every new
 # formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote` of
-# those (if among the best quarter so far) climb to `top_windows`, pruned by the sequential driver at one
-# pass per block (`one-pass`: the protocol users prune with at half its calibration cost); `tune` variants
+# those (if among the best quarter so far) climb to `top_windows` in batches of `promote` (one per worker; a
+# short batch waits a generation), pruned by the sequential driver at one pass per block (`one-pass`: the protocol users prune with at half its calibration cost); `tune` variants
 # (one constant changed) of a formula at the top rung (the one with the fewest steps measured) go up the
 # ladder per generation and join only if they beat it at the top rung; at the end the best `final_top` go
 # through the sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda

@@ -144,7 +144,10 @@ TOP_RUNG_TEXT = {
 
 def _describe(config: dict) -> str:
     settings, e = config["settings"], config["settings"]["evaluator"]
-    top = f"{e['top_windows']} windows" + TOP_RUNG_TEXT.get(e.get("top_rung"), "")
+    top = (
+        f"{e['top_windows']} windows" + TOP_RUNG_TEXT.get(e.get("top_rung"), "")
+        + f" (in batches of {settings['promote']}: a short one waits for the next generation's)"
+    )  # fmt: skip
     ladder = (
         f"the proxy (layer reconstruction error) screens every new formula, the best {settings['confirm']} per "
         f"generation get perplexity on {e['fitness_windows']} windows, the best {settings['promote']} of those "

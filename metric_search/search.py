@@ -199,13 +199,14 @@ class Search:
         return reference is None or (own is not None and own <= TOP_BASELINE_FACTOR * reference)
 
     def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str,
-                  tuning: tuple[str | None, list[str]] = (None, [])) -> None:  # fmt: skip
+                  tuning: tuple[str | None, list[str]] = (None, []), hold: bool = False) -> None:  # fmt: skip
         """Up the ladder: the proxy for every new formula (unless single-fidelity), base perplexity for
         the best ``confirm`` by proxy (every new one without the proxy), the top rung for the best
         ``promote`` by base perplexity. ``tuning``: a parent measured at the top rung and its variants
         (see ``_tuning_parent``), which climb with the population: every variant gets the proxy and base
         perplexity, the top rung those that beat the parent's base perplexity. One fetch per rung for
-        both, so a generation's tops and its variants' run side by side on the pool's workers."""
+        both, so a generation's tops and its variants' run side by side on the pool's workers.
+        ``hold``: the top rung runs in whole batches of ``promote`` (see ``_top_batch``)."""
         s, candidates = self.settings, self.state.candidates
         parent, variants = tuning
         if s.multi_fidelity:
@@ -216,13 +217,30 @@ class Search:
             base = needing(keys, candidates, "ppl")
         base += needing(variants, candidates, "ppl")
         self._store(evaluations.fetch(base, "ppl", tally, label), "ppl")
-        top = to_promote(keys, candidates, "top", s.promote)
+        climbing = []
         if parent is not None:
             parent_ppl = value(candidates[parent], "ppl")
-            top += [
+            climbing = [
                 k for k in needing(variants, candidates, "top") if value(candidates[k], "ppl") < parent_ppl
             ]
-        self._store(evaluations.fetch(top, "top", tally, label), "top")
+        top = self._top_batch(to_promote(keys, candidates, "top", s.promote), len(climbing), hold)
+        self._store(evaluations.fetch(top + climbing, "top", tally, label), "top")
+
+    def _top_batch(self, promoted: list[str], climbing: int, hold: bool) -> list[str]:
+        """The formulas promoted now and those held before that are still eligible, best first, less
+        what would leave a batch short: with ``hold``, the last ``(count + climbing) % promote`` of them
+        wait in the state for the next generation's batch (tuning variants, ``climbing``, never wait: their
+        adoption is decided in their own generation). A top-rung prune costs as much as a generation's
+        other rungs together, and one alone leaves all but one worker idle (CPU profile: promote = the two
+        workers); the waiting list stays shorter than ``promote``, and the last generation holds nothing."""
+        candidates = self.state.candidates
+        # re-ranked by base perplexity; a held formula no longer eligible is dropped
+        queued = to_promote(
+            [*self.state.waiting, *promoted], candidates, "top", len(promoted) + len(self.state.waiting)
+        )
+        held = min((len(queued) + climbing) % self.settings.promote, len(queued)) if hold else 0
+        self.state.waiting = queued[len(queued) - held :]
+        return queued[: len(queued) - held]
 
     def _untried_neighbours(self, key: str) -> list[Individual]:
         """Up to ``tune`` formulas one constant step from ``key`` that were never measured."""
@@ -299,10 +317,12 @@ class Search:
         parent, variants = self._tuning_parent() if self.settings.tune else (None, [])
         self._register(variants, generation)
         tuning = (parent, [v.canonical for v in variants])
-        self._evaluate(keys, evaluations, tally, f"gen {generation}", tuning)
+        waited = list(self.state.waiting)  # perhaps measured at the top now, though out of the population
+        hold = generation < self.settings.generations - 1
+        self._evaluate(keys, evaluations, tally, f"gen {generation}", tuning, hold)
         population = self._adopt(population, (parent, variants), tally)
         keys = [ind.canonical for ind in population]
-        self._update_hall_of_fame([*keys, *(ind.canonical for ind in elites + offspring)])
+        self._update_hall_of_fame([*keys, *(ind.canonical for ind in elites + offspring), *waited])
         self.state.population = [(ind.formula, ind.canonical) for ind in population]
         self.state.generation = generation
         self.state.history.append(self._summary(generation, offspring_keys, known, keys, tally, started))
@@ -327,6 +347,7 @@ class Search:
             "evaluated": {f: tally[f"evaluated_{f}"] for f in FIDELITIES},
             "cache_hits": tally["cache_hits"],
             "tuned": tally["tuned"],
+            "waiting": len(self.state.waiting),
             "invalid": {r: tally[f"invalid_{r}"] for r in REASONS},
             **summarize(keys, self.state.candidates),
             "hall_of_fame_best": self.state.hall_of_fame[0] if self.state.hall_of_fame else None,

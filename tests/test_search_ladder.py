@@ -188,6 +188,43 @@ def test_generation_zero_tunes_wanda_and_runs_its_tops_in_one_fetch_with_the_var
     assert variants <= tops and len(tops - variants) == 2  # the variants and the generation's best 2
 
 
+def test_the_top_rung_runs_in_whole_batches_and_a_short_one_waits_for_the_next_generation(tmp_path):
+    """promote = 2: a generation with one formula for the top rung holds it; the next generation's one
+    joins it in one batch; a formula that falls out of the best quarter while it waits is dropped; the
+    last generation (no hold) measures a lone formula; tuning variants count in the batch but never wait."""
+    from collections import Counter
+
+    search = new_search(tmp_path, promote=2, tune=0)
+    candidates = search.state.candidates
+
+    def add(key: str, ppl: float, top: float | None = None) -> str:
+        measured = {"proxy": {"fitness": ppl / 100, "reason": None}, "ppl": {"fitness": ppl, "reason": None}}
+        candidates[key] = {"formula": key, "size": 3, "generation": 0, **measured,
+                           "top": None if top is None else {"fitness": top, "reason": None}}  # fmt: skip
+        return key
+
+    def generation(keys: list[str], hold: bool) -> list[list[str]]:
+        pool = FakePool()
+        search._evaluate(keys, _Evaluations(pool, Memo(), False), Counter(), "gen", hold=hold)
+        return [[key for key, fidelity in batch] for batch in pool.batches if batch[0][1] == "top"]
+
+    # eight measured at the base rung, all but the best at the top: the bar is the 5th best (14.0)
+    keys = [add(f"f{i}", 10.0 + i, None if i == 0 else 20.0) for i in range(8)]
+    assert generation(keys, hold=True) == [] and search.state.waiting == ["f0"]
+    assert generation([add("g", 10.5)], hold=True) == [["f0", "g"]] and search.state.waiting == []
+
+    assert generation([add("h", 13.0)], hold=True) == [] and search.state.waiting == ["h"]
+    for i in range(4):  # four better formulas: the bar drops to the 5th best, 4.0, and h is out
+        add(f"b{i}", 1.0 + i, 5.0)
+    assert generation([add("k", 0.5)], hold=False) == [["k"]] and search.state.waiting == []
+
+    add("a", 0.7)
+    assert search._top_batch(["a"], climbing=1, hold=True) == ["a"]  # with one variant: a batch of two
+    assert search._top_batch(["a"], climbing=2, hold=True) == [] and search.state.waiting == ["a"]
+    search.state.waiting = []
+    assert search._top_batch([], climbing=1, hold=True) == [] and search.state.waiting == []
+
+
 def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_path):
     search = new_search(tmp_path, tune=2, population=6)
     texts = ("abs(W) * X", "abs(W)", "sqr(W) * mms(G)", "abs(W) * H", "U", "abs(W) + X")

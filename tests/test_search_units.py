@@ -98,7 +98,8 @@ def sample_state() -> SearchState:
     }  # fmt: skip
     return SearchState(generation=1, rng=random.Random(3).getstate(), population=[("abs(W) * X", "X * abs(W)")],
                        candidates=candidates, hall_of_fame=["X * abs(W)"], history=[{"generation": 0}],
-                       baselines={}, final={"rows": [{"formula": "X * abs(W)", "ratio": 1.0}]})  # fmt: skip
+                       baselines={}, final={"rows": [{"formula": "X * abs(W)", "ratio": 1.0}]},
+                       waiting=["W"])  # fmt: skip
 
 
 def test_checkpoint_round_trip_keeps_every_value(tmp_path):
@@ -120,6 +121,7 @@ def test_checkpoint_round_trip_keeps_every_value(tmp_path):
         lambda d: d.__setitem__("version", 99),
         lambda d: d["candidates"]["W"]["proxy"].__setitem__("reason", "fine"),
         lambda d: d.__setitem__("hall_of_fame", ["nope"]),
+        lambda d: d.__setitem__("waiting", ["nope"]),
         lambda d: d["history"].append({"best_ppl": float("nan")}),
     ],
 )
