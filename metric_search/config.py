@@ -99,14 +99,14 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # those (if among the best quarter so far) climb to `top_windows` in batches of `promote` (one per worker; a
 # short batch waits a generation), pruned by the sequential driver at one pass per block (`one-pass`: the protocol users prune with at half its calibration cost); `tune` variants
 # (one constant changed) of a formula at the top rung (the one with the fewest steps measured) go up the
-# ladder per generation and join only if they beat it at the top rung; at the end the best `final_top` go
-# through the sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda
-# (given the same update; ~1.5 min per formula here, so two and Wanda). Rung budgets are multiples of the
+# ladder per generation and join only if they beat it at the top rung; at the end the best `final_top` other
+# than Wanda go through the sequential driver on `final_windows` further windows of WikiText-2 valid, paired
+# with Wanda (given the same update; ~1.5 min per formula here, so one and Wanda). Rung budgets are multiples of the
 # two workers, so no rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at
 # a time.
 CPU_PROFILE = _profile(
     SearchSettings(
-        generations=7, population=20, confirm=4, promote=2, tune=2, final_top=2, final_windows=16,
+        generations=7, population=20, confirm=4, promote=2, tune=2, final_top=1, final_windows=16,
         evaluator=EvaluatorSettings(
             nsamples=16, calib_seqlen=512, fitness_windows=2, top_windows=8, fitness_seqlen=512,
             patterns=("0.5",), update="obs", top_rung="one-pass", batch_size=1,

@@ -111,7 +111,8 @@ class _Measurer:
 def final_check(
     settings: SearchSettings, hall_of_fame: list[str], group: str, progress: bool = False
 ) -> dict:
-    """The best ``settings.final_top`` formulas of the hall of fame against Wanda (see module doc)."""
+    """The best ``settings.final_top`` formulas of the hall of fame other than Wanda against Wanda (see
+    module doc): Wanda at the head of the hall leaves the slot to the best challenger."""
     from primitives.scorer import FormulaScorer
     from pruning_core.scorers import get_scorer
     from pruning_core.updates import with_update
@@ -122,12 +123,8 @@ def final_check(
     reference = measurer.nll(with_update(get_scorer(REFERENCE), e.update))
     reference_key = canonical_key(KNOWN_FORMULAS[REFERENCE], group)
     rows = []
-    for key in hall_of_fame[: settings.final_top]:
-        nll = (
-            reference
-            if key == reference_key
-            else measurer.nll(with_update(FormulaScorer(key, group=group), e.update))
-        )
+    for key in [k for k in hall_of_fame if k != reference_key][: settings.final_top]:
+        nll = measurer.nll(with_update(FormulaScorer(key, group=group), e.update))
         differences = paired_log_ratios(nll, reference, tokens)
         low, high = (math.exp(v) for v in bootstrap_interval(differences, settings.seed))
         rows.append({
@@ -135,7 +132,7 @@ def final_check(
             "ppl": {label: _ppl(nll[label], tokens) for label in e.patterns},
             "ratio": math.exp(float(differences.mean())),
             "ci": [low, high],
-            "verdict": verdict(low, high, key == reference_key),
+            "verdict": verdict(low, high, False),
         })  # fmt: skip
     chosen = choose(rows, reference_key)
     return {

@@ -194,7 +194,7 @@ def _final_section(final: dict | None) -> list[str]:
     lines = [
         "## Final check",
         "",
-        f"The hall of fame's best {len(final['rows'])} pruned by the sequential driver (the protocol a user prunes "
+        f"The hall of fame's best {len(final['rows'])} other than Wanda pruned by the sequential driver (the protocol a user prunes "
         f"with), {final['nsamples']} x {final['seqlen']} calibration tokens of `{final['calib']}`, perplexity on "
         f"{final['windows']} windows of `{final['data']}` that the fitness never read ({_held_out_text(final)}); "
         f"{_update_text(final.get('update', 'none'))}Wanda: "

@@ -28,12 +28,14 @@ from metric_search.final import REFERENCE
 from metric_search.report import write_report
 from metric_search.results import write_progress_files
 from metric_search.selection import (
+    best_at,
     distinct_results,
     drop_transient,
     needing,
     ordered,
     summarize,
     to_promote,
+    unique_in_order,
     update_hall_of_fame,
     value,
 )
@@ -41,6 +43,8 @@ from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
 from pruning_core import files
 from pruning_core.errors import UsageError
+
+TUNING_PARENT = "tuning_parent"  # a tuning variant's entry: the formula it was a step from
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
@@ -199,14 +203,15 @@ class Search:
         return reference is None or (own is not None and own <= TOP_BASELINE_FACTOR * reference)
 
     def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str,
-                  tuning: tuple[str | None, list[str]] = (None, []), hold: bool = False) -> None:  # fmt: skip
+                  tuning: tuple[str | None, list[str]] = (None, []), hold: bool = False) -> list[str]:  # fmt: skip
         """Up the ladder: the proxy for every new formula (unless single-fidelity), base perplexity for
         the best ``confirm`` by proxy (every new one without the proxy), the top rung for the best
         ``promote`` by base perplexity. ``tuning``: a parent measured at the top rung and its variants
         (see ``_tuning_parent``), which climb with the population: every variant gets the proxy and base
         perplexity, the top rung those that beat the parent's base perplexity. One fetch per rung for
         both, so a generation's tops and its variants' run side by side on the pool's workers.
-        ``hold``: the top rung runs in whole batches of ``promote`` (see ``_top_batch``)."""
+        ``hold``: the top rung runs in whole batches of ``promote`` (see ``_top_batch``). Returns the
+        formulas measured at the top rung."""
         s, candidates = self.settings, self.state.candidates
         parent, variants = tuning
         if s.multi_fidelity:
@@ -223,22 +228,24 @@ class Search:
             climbing = [
                 k for k in needing(variants, candidates, "top") if value(candidates[k], "ppl") < parent_ppl
             ]
-        top = self._top_batch(to_promote(keys, candidates, "top", s.promote), len(climbing), hold)
-        self._store(evaluations.fetch(top + climbing, "top", tally, label), "top")
+        top = self._top_batch(to_promote(keys, candidates, "top", s.promote), climbing, hold)
+        self._store(evaluations.fetch(top, "top", tally, label), "top")
+        return top
 
-    def _top_batch(self, promoted: list[str], climbing: int, hold: bool) -> list[str]:
-        """The formulas promoted now and those held before that are still eligible, best first, less
-        what would leave a batch short: with ``hold``, the last ``(count + climbing) % promote`` of them
-        wait in the state for the next generation's batch (tuning variants, ``climbing``, never wait: their
-        adoption is decided in their own generation). A top-rung prune costs as much as a generation's
+    def _top_batch(self, promoted: list[str], climbing: list[str], hold: bool) -> list[str]:
+        """The formulas for the top rung now: those promoted and the tuning variants ``climbing`` now, and
+        those held before (a held formula of the population only while still eligible), best first by
+        base perplexity, less what would leave a batch short: with ``hold``, the last ``count % promote``
+        wait in the state for the next generation's batch. A top-rung prune costs as much as a generation's
         other rungs together, and one alone leaves all but one worker idle (CPU profile: promote = the two
         workers); the waiting list stays shorter than ``promote``, and the last generation holds nothing."""
         candidates = self.state.candidates
-        # re-ranked by base perplexity; a held formula no longer eligible is dropped
-        queued = to_promote(
-            [*self.state.waiting, *promoted], candidates, "top", len(promoted) + len(self.state.waiting)
-        )
-        held = min((len(queued) + climbing) % self.settings.promote, len(queued)) if hold else 0
+        waiting = needing(self.state.waiting, candidates, "top")
+        variants = [k for k in waiting if TUNING_PARENT in candidates[k]] + climbing
+        formulas = [k for k in waiting if TUNING_PARENT not in candidates[k]] + promoted
+        queued = to_promote(formulas, candidates, "top", len(formulas))  # re-ranked: the bar may have moved
+        queued = best_at(unique_in_order([*queued, *variants]), candidates, "ppl")
+        held = len(queued) % self.settings.promote if hold else 0
         self.state.waiting = queued[len(queued) - held :]
         return queued[: len(queued) - held]
 
@@ -281,16 +288,28 @@ class Search:
                 return key, variants
         return None, []
 
-    def _adopt(self, population: list[Individual], tuning: tuple[str | None, list[Individual]],
+    def _register_variants(self, parent: str, variants: list[Individual], generation: int) -> None:
+        """Variants join the state with their parent: one held for a later top-rung batch is judged
+        against that parent when it is measured."""
+        self._register(variants, generation)
+        for variant in variants:
+            self.state.candidates[variant.canonical][TUNING_PARENT] = parent
+
+    def _adopt(self, population: list[Individual], measured: list[str], variants: list[Individual],
                tally: Counter) -> list[Individual]:  # fmt: skip
-        """Tuning variants that beat their parent at the top rung replace the population's worst."""
-        parent, variants = tuning
-        if parent is None:
-            return population
+        """Tuning variants just measured at the top rung (``measured``; this generation's ``variants`` or
+        held ones) that beat their parent there replace the population's worst."""
         candidates = self.state.candidates
-        parent_top = value(candidates[parent], "top")
-        tops = {v.canonical: value(candidates[v.canonical], "top") for v in variants}
-        better = [v for v in variants if tops[v.canonical] is not None and tops[v.canonical] < parent_top]
+        made = {v.canonical: v for v in variants}
+        members = {ind.canonical for ind in population}
+        better = []
+        for key in measured:
+            parent = candidates[key].get(TUNING_PARENT)
+            if parent is None or key in members:
+                continue
+            top, parent_top = value(candidates[key], "top"), value(candidates[parent], "top")
+            if top is not None and parent_top is not None and top < parent_top:
+                better.append(made[key] if key in made else self.engine.from_text(key))
         tally["tuned"] += len(better)
         if not better:
             return population
@@ -315,14 +334,14 @@ class Search:
         # the formulas a tuning parent is drawn from
         self._update_hall_of_fame(keys)
         parent, variants = self._tuning_parent() if self.settings.tune else (None, [])
-        self._register(variants, generation)
+        self._register_variants(parent, variants, generation)
         tuning = (parent, [v.canonical for v in variants])
-        waited = list(self.state.waiting)  # perhaps measured at the top now, though out of the population
         hold = generation < self.settings.generations - 1
-        self._evaluate(keys, evaluations, tally, f"gen {generation}", tuning, hold)
-        population = self._adopt(population, (parent, variants), tally)
+        measured = self._evaluate(keys, evaluations, tally, f"gen {generation}", tuning, hold)
+        population = self._adopt(population, measured, variants, tally)
         keys = [ind.canonical for ind in population]
-        self._update_hall_of_fame([*keys, *(ind.canonical for ind in elites + offspring), *waited])
+        # a formula held earlier may be measured now though it left the population
+        self._update_hall_of_fame([*keys, *(ind.canonical for ind in elites + offspring), *measured])
         self.state.population = [(ind.formula, ind.canonical) for ind in population]
         self.state.generation = generation
         self.state.history.append(self._summary(generation, offspring_keys, known, keys, tally, started))

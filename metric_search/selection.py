@@ -95,14 +95,19 @@ def needing(keys, candidates: dict, fidelity: str) -> list[str]:
     ]
 
 
+def best_at(keys, candidates: dict, fidelity: str) -> list[str]:
+    """``keys`` (each measured at ``fidelity``) best first by their value there."""
+    return sorted(keys, key=lambda k: (value(candidates[k], fidelity), *_tie_break(k, candidates[k])))
+
+
 def to_promote(keys, candidates: dict, fidelity: str, count: int) -> list[str]:
     """Successive halving: the ``count`` best at the rung below ``fidelity`` that lack ``fidelity``.
     The top rung takes only formulas whose base perplexity is among the best TOP_ELIGIBLE_FRACTION (at
     least TOP_ELIGIBLE_RANK) of everything measured so far (a top measurement is for contenders, not for
     the best of a weak lot)."""
     below = FIDELITIES[FIDELITIES.index(fidelity) - 1]
-    ready = [k for k in needing(keys, candidates, fidelity) if value(candidates[k], below) is not None]
-    ready.sort(key=lambda k: (value(candidates[k], below), *_tie_break(k, candidates[k])))
+    ready = best_at([k for k in needing(keys, candidates, fidelity) if value(candidates[k], below) is not None],
+                    candidates, below)  # fmt: skip
     if fidelity == FIDELITIES[-1]:
         measured = sorted(
             value(e, below) for e in candidates.values() if not is_invalid(e) and value(e, below) is not None

@@ -126,10 +126,12 @@ def tune(search: Search, population, generation: int, pool) -> list:
     from collections import Counter
 
     parent, variants = search._tuning_parent()
-    search._register(variants, generation)
+    search._register_variants(parent, variants, generation)
     evaluations = _Evaluations(pool, Memo(), False)
-    search._evaluate([], evaluations, Counter(), "tuning", (parent, [v.canonical for v in variants]))
-    return search._adopt(population, (parent, variants), Counter())
+    measured = search._evaluate(
+        [], evaluations, Counter(), "tuning", (parent, [v.canonical for v in variants])
+    )
+    return search._adopt(population, measured, variants, Counter())
 
 
 def test_the_ladder_climbs_as_specified(tmp_path):
@@ -219,10 +221,44 @@ def test_the_top_rung_runs_in_whole_batches_and_a_short_one_waits_for_the_next_g
     assert generation([add("k", 0.5)], hold=False) == [["k"]] and search.state.waiting == []
 
     add("a", 0.7)
-    assert search._top_batch(["a"], climbing=1, hold=True) == ["a"]  # with one variant: a batch of two
-    assert search._top_batch(["a"], climbing=2, hold=True) == [] and search.state.waiting == ["a"]
-    search.state.waiting = []
-    assert search._top_batch([], climbing=1, hold=True) == [] and search.state.waiting == []
+    for key in ("v", "w"):  # tuning variants of f1 (their base perplexities beat its 11.0)
+        candidates[add(key, {"v": 0.6, "w": 0.8}[key])]["tuning_parent"] = "f1"
+    assert search._top_batch(["a"], ["v"], hold=True) == ["v", "a"]  # a batch of two, best first
+    assert search._top_batch(["a"], ["v", "w"], hold=True) == ["v", "a"] and search.state.waiting == ["w"]
+    assert search._top_batch([], [], hold=True) == [] and search.state.waiting == ["w"]  # a variant waits too
+    assert search._top_batch(["a"], [], hold=True) == ["a", "w"] and search.state.waiting == []
+
+
+def test_a_tuning_variant_held_for_a_batch_is_adopted_once_measured_if_it_beats_its_parent(tmp_path):
+    from collections import Counter
+
+    search = new_search(tmp_path, tune=1, promote=2, population=6)
+    texts = ("abs(W) * X", "abs(W)", "sqr(W) * mms(G)", "abs(W) * H", "U", "abs(W) + X")
+    population = [search.engine.from_text(t) for t in texts]
+    search._register(population, 0)
+    head, other, worst = (canonical_key(t) for t in ("abs(W) * X", "abs(W)", "U"))
+    for key, entry in search.state.candidates.items():
+        ppl = {head: 40.0, worst: 90.0}.get(key, 50.0)
+        entry.update(proxy={"fitness": 0.5, "reason": None}, ppl={"fitness": ppl, "reason": None})
+    search.state.candidates[head]["top"] = {"fitness": 40.0, "reason": None}
+    search.state.hall_of_fame = [head]
+    pool = FakePool(values={})
+    evaluations = _Evaluations(pool, Memo(), False)
+
+    parent, variants = search._tuning_parent()
+    (step,) = (v.canonical for v in variants)
+    pool.values.update({(step, "ppl"): 39.0, (step, "top"): 38.0})
+    search._register_variants(parent, variants, 1)
+    # generation 1: the variant alone would leave a batch of two short, so it waits and nothing is adopted
+    measured = search._evaluate([], evaluations, Counter(), "gen 1", (parent, [step]), hold=True)
+    assert measured == [] and search.state.waiting == [step] and (step, "top") not in pool.jobs
+    assert search._adopt(population, measured, variants, Counter()) == population
+
+    # generation 2: a promoted formula completes the batch; the variant beats its parent and is adopted
+    measured = search._evaluate([other], evaluations, Counter(), "gen 2", hold=True)
+    assert measured == [step, other] and search.state.waiting == []
+    keys = [ind.canonical for ind in search._adopt(population, measured, [], Counter())]
+    assert len(keys) == len(population) and step in keys and worst not in keys and other in keys
 
 
 def test_tuning_keeps_a_variant_only_if_it_beats_the_head_at_the_top_rung(tmp_path):
