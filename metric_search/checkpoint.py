@@ -17,6 +17,7 @@ from pruning_core.files import atomic_write_json
 FORMAT = "metric-search-checkpoint"
 VERSION = 2  # 2: the top rung, per-setting values, the final check
 _MT_WORDS = 625  # Mersenne Twister: 624 state words + the position
+TUNING_PARENT = "tuning_parent"  # in a tuning variant's entry: the formula it is one constant step from
 
 
 @dataclass
@@ -169,6 +170,9 @@ def state_from_json(data, check_formula) -> SearchState:
         raise ValueError("history is not a list of objects")
     if any(canonical not in candidates for _, canonical in population):
         raise ValueError("a population member has no result")
+    parents = [entry.get(TUNING_PARENT) for entry in candidates.values() if isinstance(entry, dict)]
+    if not all(parent is None or (isinstance(parent, str) and parent in candidates) for parent in parents):
+        raise ValueError("a tuning variant names an unknown parent")
     waiting = data.get("waiting", [])  # absent from checkpoints written before the top rung's batches
     if not (isinstance(waiting, list) and all(isinstance(k, str) and k in candidates for k in waiting)):
         raise ValueError("the waiting list names unknown candidates")

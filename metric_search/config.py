@@ -97,13 +97,13 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
 # Fitness follows the validation protocol (512-token windows); the ladder: the proxy screens every new
 # formula, the best `confirm` per generation get perplexity on `fitness_windows`, the best `promote` of
 # those (if among the best quarter so far) climb to `top_windows` in batches of `promote` (one per worker; a
-# short batch waits a generation), pruned by the sequential driver at one pass per block (`one-pass`: the protocol users prune with at half its calibration cost); `tune` variants
-# (one constant changed) of a formula at the top rung (the one with the fewest steps measured) go up the
-# ladder per generation and join only if they beat it at the top rung; at the end the best `final_top` other
-# than Wanda go through the sequential driver on `final_windows` further windows of WikiText-2 valid, paired
-# with Wanda (given the same update; ~1.5 min per formula here, so one and Wanda). Rung budgets are multiples of the
-# two workers, so no rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at
-# a time.
+# short batch waits a generation), pruned by the sequential driver at one pass per block (`one-pass`: the
+# protocol users prune with at half its calibration cost); `tune` variants (one constant changed) of a
+# formula at the top rung (the one with the fewest steps measured) go up the ladder per generation and join
+# only if they beat it at the top rung; at the end the best `final_top` other than Wanda go through the
+# sequential driver on `final_windows` further windows of WikiText-2 valid, paired with Wanda (given the same
+# update; ~1.5 min per formula here, so one and Wanda). Rung budgets are multiples of the two workers, so no
+# rung leaves one idle. On 2 CPU cores a batch of fitness windows is no faster than one at a time.
 CPU_PROFILE = _profile(
     SearchSettings(
         generations=7, population=20, confirm=4, promote=2, tune=2, final_top=1, final_windows=16,

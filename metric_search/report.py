@@ -144,10 +144,9 @@ TOP_RUNG_TEXT = {
 
 def _describe(config: dict) -> str:
     settings, e = config["settings"], config["settings"]["evaluator"]
-    top = (
-        f"{e['top_windows']} windows" + TOP_RUNG_TEXT.get(e.get("top_rung"), "")
-        + f" (in batches of {settings['promote']}: a short one waits for the next generation's)"
-    )  # fmt: skip
+    top = f"{e['top_windows']} windows" + TOP_RUNG_TEXT.get(e.get("top_rung"), "")
+    if settings["promote"] > 1:
+        top += f" (in batches of {settings['promote']}: a short one waits for the next generation's)"
     ladder = (
         f"the proxy (layer reconstruction error) screens every new formula, the best {settings['confirm']} per "
         f"generation get perplexity on {e['fitness_windows']} windows, the best {settings['promote']} of those "
@@ -194,9 +193,10 @@ def _final_section(final: dict | None) -> list[str]:
     lines = [
         "## Final check",
         "",
-        f"The hall of fame's best {len(final['rows'])} other than Wanda pruned by the sequential driver (the protocol a user prunes "
-        f"with), {final['nsamples']} x {final['seqlen']} calibration tokens of `{final['calib']}`, perplexity on "
-        f"{final['windows']} windows of `{final['data']}` that the fitness never read ({_held_out_text(final)}); "
+        f"The hall of fame's best {len(final['rows'])} other than Wanda pruned by the sequential driver (the "
+        f"protocol a user prunes with), {final['nsamples']} x {final['seqlen']} calibration tokens of "
+        f"`{final['calib']}`, perplexity on {final['windows']} windows of `{final['data']}` that the fitness "
+        f"never read ({_held_out_text(final)}); "
         f"{_update_text(final.get('update', 'none'))}Wanda: "
         + ", ".join(f"{label} {final['wanda'][label]:.5g}" for label in final["settings"])
         + ". Ratio: exp of the mean over settings of log(ppl / Wanda's ppl); the interval is a paired bootstrap "

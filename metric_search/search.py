@@ -14,7 +14,7 @@ from fitness.evaluator import FIDELITIES, REASONS, TRANSIENT
 from fitness.memo import Memo
 from fitness.setup import resolved_numbers
 from metric_search import rundir
-from metric_search.checkpoint import SearchState, load_checkpoint, save_checkpoint
+from metric_search.checkpoint import TUNING_PARENT, SearchState, load_checkpoint, save_checkpoint
 from metric_search.config import (
     BASELINES,
     CONFIG_VERSION,
@@ -43,8 +43,6 @@ from primitives import KNOWN_FORMULAS, canonical_key, parse_formula
 from primitives.tree import size
 from pruning_core import files
 from pruning_core.errors import UsageError
-
-TUNING_PARENT = "tuning_parent"  # a tuning variant's entry: the formula it was a step from
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
@@ -203,7 +201,8 @@ class Search:
         return reference is None or (own is not None and own <= TOP_BASELINE_FACTOR * reference)
 
     def _evaluate(self, keys: list[str], evaluations: _Evaluations, tally: Counter, label: str,
-                  tuning: tuple[str | None, list[str]] = (None, []), hold: bool = False) -> list[str]:  # fmt: skip
+                  tuning: tuple[str | None, list[str]] = (None, []),
+                  hold: bool = False) -> list[str]:  # fmt: skip
         """Up the ladder: the proxy for every new formula (unless single-fidelity), base perplexity for
         the best ``confirm`` by proxy (every new one without the proxy), the top rung for the best
         ``promote`` by base perplexity. ``tuning``: a parent measured at the top rung and its variants

@@ -106,8 +106,8 @@ def to_promote(keys, candidates: dict, fidelity: str, count: int) -> list[str]:
     least TOP_ELIGIBLE_RANK) of everything measured so far (a top measurement is for contenders, not for
     the best of a weak lot)."""
     below = FIDELITIES[FIDELITIES.index(fidelity) - 1]
-    ready = best_at([k for k in needing(keys, candidates, fidelity) if value(candidates[k], below) is not None],
-                    candidates, below)  # fmt: skip
+    known_below = [k for k in needing(keys, candidates, fidelity) if value(candidates[k], below) is not None]
+    ready = best_at(known_below, candidates, below)
     if fidelity == FIDELITIES[-1]:
         measured = sorted(
             value(e, below) for e in candidates.values() if not is_invalid(e) and value(e, below) is not None

@@ -193,7 +193,7 @@ def test_generation_zero_tunes_wanda_and_runs_its_tops_in_one_fetch_with_the_var
 def test_the_top_rung_runs_in_whole_batches_and_a_short_one_waits_for_the_next_generation(tmp_path):
     """promote = 2: a generation with one formula for the top rung holds it; the next generation's one
     joins it in one batch; a formula that falls out of the best quarter while it waits is dropped; the
-    last generation (no hold) measures a lone formula; tuning variants count in the batch but never wait."""
+    last generation (no hold) measures a lone formula; tuning variants count in the batch and wait too."""
     from collections import Counter
 
     search = new_search(tmp_path, promote=2, tune=0)

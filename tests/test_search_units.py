@@ -122,6 +122,7 @@ def test_checkpoint_round_trip_keeps_every_value(tmp_path):
         lambda d: d["candidates"]["W"]["proxy"].__setitem__("reason", "fine"),
         lambda d: d.__setitem__("hall_of_fame", ["nope"]),
         lambda d: d.__setitem__("waiting", ["nope"]),
+        lambda d: d["candidates"]["W"].__setitem__("tuning_parent", "nope"),
         lambda d: d["history"].append({"best_ppl": float("nan")}),
     ],
 )
