@@ -101,6 +101,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def key_digest(key: dict, length: int = 24) -> str:
-    """A file name for a cache entry: the hash of its key's canonical JSON."""
+def key_digest(key, length: int = 24) -> str:
+    """The hash of ``key``'s canonical JSON: a cache entry's file name, what a plot was drawn from."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:length]

@@ -136,15 +136,15 @@ def search_cache(tmp_path_factory, search_model) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One embedded Ray (2 CPUs, loopback) per test module; starting one costs several seconds."""
+    """The embedded Ray (2 CPUs, loopback) the search tests run on: started once per test process and left
+    running for the next module (a start costs several seconds). Tests that make their own Ray end it
+    first (test_search_cluster.py); Ray ends it when the process exits."""
     import ray
 
     from metric_search import cluster
 
-    started = cluster.connect(None, num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
+    if not ray.is_initialized():
+        cluster.connect(None, num_cpus=2)
 
 
 @pytest.fixture

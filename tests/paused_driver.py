@@ -2,12 +2,13 @@
 
 A test harness, not part of the product: it wraps two library calls before the CLI runs.
   PAUSE_AFTER_RESULT=k          after the k-th result is appended to candidates.jsonl
-  PAUSE_IN_CHECKPOINT_WRITE=n   in the n-th checkpoint write: its temp file is written and fsynced,
-                                the rename has not happened yet
+  PAUSE_IN_CHECKPOINT_WRITE=g   in the first write of generation g's checkpoint: its temp file is
+                                written and fsynced, the rename has not happened yet
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -33,17 +34,16 @@ def pause_after_result(k: int) -> None:
     Memo.put = put
 
 
-def pause_in_checkpoint_write(n: int) -> None:
+def pause_in_checkpoint_write(generation: int) -> None:
     original = os.fsync
-    count = 0
 
     def fsync(fd):
-        nonlocal count
         original(fd)
-        if ".checkpoint.json." in os.readlink(f"/proc/self/fd/{fd}"):  # the temp file of a checkpoint
-            count += 1
-            if count == n:
-                time.sleep(PAUSE_S)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if ".checkpoint.json." in path:  # the temp file of a checkpoint, whole once fsynced
+            with open(path) as fh:
+                if json.load(fh)["generation"] == generation:
+                    time.sleep(PAUSE_S)
 
     os.fsync = fsync
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import psutil
+import ray
 
 from fitness.setup import EvaluatorSettings
 from metric_search import rundir
@@ -71,12 +71,15 @@ def candidate_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / rundir.CANDIDATES).read_text().splitlines()]
 
 
-def actor_places(pool, busy_only: bool = False) -> list[dict]:
+def actor_places(pool, busy_only: bool = False, with_starting: bool = False) -> list[dict]:
     """pid, node and resources of a pool's started actors (only those running a job when ``busy_only``):
-    what a fault test needs to kill one, read from the pool's own records."""
+    what a fault test needs to kill one, read from the pool's own records. ``with_starting`` waits for
+    the actors still starting (a replacement) and includes them."""
     busy = [worker for worker, _, _ in pool._busy.values()]
-    workers = busy if busy_only else [*pool._idle, *busy]
-    return [dict(worker.where) for worker in workers if worker.where is not None]
+    if busy_only:
+        return [dict(worker.where) for worker in busy]
+    starting = [ray.get(w.ready, timeout=120) for w in pool._starting.values()] if with_starting else []
+    return [*(dict(worker.where) for worker in [*pool._idle, *busy]), *starting]
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -93,7 +96,3 @@ def stop_leftovers(processes: list[psutil.Process]) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(processes, timeout=10)
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "metric_search", *args]

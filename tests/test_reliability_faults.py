@@ -4,6 +4,7 @@ statistics cache. Every search that survives a fault must end exactly like the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -51,11 +53,24 @@ def settings(model, cache, seed_formulas=("abs(W) * X",)):
 
 
 @pytest.fixture(scope="module")
-def reference(local_ray, search_model, search_cache, tmp_path_factory) -> Path:
-    """The fault-free run every faulty run is compared with (same settings, same seed)."""
+def reference_run(local_ray, search_model, search_cache, tmp_path_factory) -> tuple[Path, list[tuple]]:
+    """The fault-free run every faulty run is compared with (same settings, same seed), and what was on
+    disk at each of its results: (rows, whether the last row is this result's rung, whether rows repeat)."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    run_in_process(settings(search_model, search_cache), run_dir, workers=2)
-    return run_dir
+    on_disk = []
+
+    def look_at_the_memo(event, **info):
+        if event == "result":
+            rows = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
+            on_disk.append((len(rows), rows[-1][1] == info["fidelity"], len(set(rows)) < len(rows)))
+
+    run_in_process(settings(search_model, search_cache), run_dir, workers=2, observer=look_at_the_memo)
+    return run_dir, on_disk
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> Path:
+    return reference_run[0]
 
 
 # --- bad candidates ------------------------------------------------------------------------------
@@ -112,11 +127,12 @@ def test_bad_candidates_end_with_inf_and_their_reason(local_ray, search_model, s
     faults = {canonical_key("W - W", "row"): "constant", **FaultyActor.FAULTS}
     assert len(faults) == 6
     run_dir = tmp_path / "bad-candidates"
+    # One generation screens every seed; no final check (it runs in the driver, not on the actors).
     # candidate_timeout 1 s: the dispatcher gives up on the hung candidate after 1 + 10 s.
-    search, state = run_in_process(settings(search_model, search_cache, seeds), run_dir, workers=2,
-                                   candidate_timeout=1.0)  # fmt: skip
+    one_generation = replace(settings(search_model, search_cache, seeds), generations=1, final_top=0)
+    search, state = run_in_process(one_generation, run_dir, workers=2, candidate_timeout=1.0)
 
-    assert state.generation == GENERATIONS - 1 and state.hall_of_fame
+    assert state.generation == 0 and state.hall_of_fame
     assert search.actors_replaced == 1  # the hung actor, and no other
     rows = {}
     for row in candidate_rows(run_dir):
@@ -138,28 +154,32 @@ def test_bad_candidates_end_with_inf_and_their_reason(local_ray, search_model, s
 
 
 @pytest.mark.parametrize(
-    "workers, victims", [(2, "one"), (2, "all"), (1, "all")], ids=["one-of-two", "both", "the-only-one"]
+    "workers, victims",
+    [(2, {"gen 1": "one", "gen 2": "all"}), (1, {"gen 1": "all"})],
+    ids=["one-then-both", "the-only-one"],
 )
 def test_killed_actors_change_nothing(reference, search_model, search_cache, tmp_path, workers, victims):
-    killed = []
+    """At a generation's first result, one actor (a busy one) or all of them are SIGKILLed."""
+    killed = {}
 
     def kill_actors(event, **info):
-        if event == "result" and info["label"] == "gen 1" and not killed:
+        if event == "result" and info["label"] in victims and info["label"] not in killed:
             pool = info["pool"]
-            targets = (
-                (actor_places(pool, busy_only=True) or actor_places(pool))[:1]
-                if victims == "one"
-                else actor_places(pool)
-            )
+            targets = actor_places(pool, with_starting=True)
+            if victims[info["label"]] == "one":
+                targets = (actor_places(pool, busy_only=True) or targets)[:1]
+            killed[info["label"]] = [target["pid"] for target in targets]
             for target in targets:
                 os.kill(target["pid"], signal.SIGKILL)
-                killed.append(target["pid"])
 
     run_dir = tmp_path / "actors-killed"
     search, _ = run_in_process(settings(search_model, search_cache), run_dir, workers=workers,
                                observer=kill_actors)  # fmt: skip
-    assert len(set(killed)) == (1 if victims == "one" else workers)
-    assert search.actors_replaced >= len(killed)
+    expected = {label: 1 if victim == "one" else workers for label, victim in victims.items()}
+    assert {label: len(set(pids)) for label, pids in killed.items()} == expected
+    pids = [pid for group in killed.values() for pid in group]
+    assert len(set(pids)) == len(pids)  # the second kill found live actors (one a replacement)
+    assert search.actors_replaced >= len(pids)
     assert outcome(run_dir) == outcome(reference)
 
 
@@ -227,19 +247,11 @@ def test_an_actor_that_cannot_be_placed_is_given_up_and_the_others_take_its_jobs
             remove_placement_group(group)
 
 
-def test_every_result_is_on_disk_before_the_next_one_arrives(local_ray, search_model, search_cache, tmp_path):
+def test_every_result_is_on_disk_before_the_next_one_arrives(reference_run):
     """What makes "a killed driver loses at most the jobs in flight" true."""
-    seen = []
-
-    def check_memo(event, **info):
-        if event == "result":
-            on_disk = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
-            seen.append(len(on_disk))
-            assert on_disk[-1][1] == info["fidelity"] and len(on_disk) == len(set(on_disk))
-
-    run_dir = tmp_path / "memo"
-    run_in_process(search_settings(search_model, search_cache, 1, POPULATION), run_dir, observer=check_memo)
-    assert seen == list(range(1, len(seen) + 1)) and len(seen) > POPULATION
+    _, on_disk = reference_run
+    assert [rows for rows, _, _ in on_disk] == list(range(1, len(on_disk) + 1)) and len(on_disk) > POPULATION
+    assert all(last_is_this_rung and not repeated for _, last_is_this_rung, repeated in on_disk)
 
 
 # --- a killed driver -----------------------------------------------------------------------------
@@ -288,48 +300,71 @@ def checkpoint_temps(run_dir: Path) -> list[Path]:
     return list(run_dir.glob(f".{rundir.CHECKPOINT}.*.tmp")) if run_dir.is_dir() else []
 
 
-def pause_plan(point: str, reference: Path):
-    """(environment for paused_driver.py, a test that the driver is there, the checkpoint's generation then)."""
-    if point == "checkpoint-write":
-        # Writes: start, baselines, generation 0, generation 1, paused inside the last. Read in this order,
-        # generation 0 on disk means that a temp file seen after it belongs to generation 1's write.
-        def there(run_dir: Path) -> bool:
-            return checkpoint_generation(run_dir) == 0 and bool(checkpoint_temps(run_dir))
+def temp_generations(run_dir: Path) -> set[int]:
+    """The generations of the checkpoint temp files written whole (one being written may not parse yet)."""
+    found = set()
+    for temp in checkpoint_temps(run_dir):
+        with contextlib.suppress(OSError, ValueError):
+            found.add(json.loads(temp.read_text())["generation"])
+    return found
 
-        return {"PAUSE_IN_CHECKPOINT_WRITE": "4"}, there, 0
+
+POINTS = {"baselines": -1, "mid-generation": 0, "checkpoint-write": 0}  # the checkpoint's generation then
+
+
+def pause_plan(point: str, run_dir: Path, reference: Path):
+    """(environment for paused_driver.py, a test that the driver is there) for a driver started on
+    ``run_dir`` as it is now: the result counts are the new driver's, the rows on disk were there before."""
+    if point == "checkpoint-write":
+
+        def there(run_dir: Path) -> bool:
+            return checkpoint_generation(run_dir) == 0 and 1 in temp_generations(run_dir)
+
+        return {"PAUSE_IN_CHECKPOINT_WRITE": "1"}, there
     # After the 2nd result (the baselines come first), or after the 1st result of generation 1.
     k = 2 if point == "baselines" else rows_before(reference, "gen 1") + 1
 
     def there(run_dir: Path) -> bool:
         return rows_on_disk(run_dir) >= k
 
-    return {"PAUSE_AFTER_RESULT": str(k)}, there, -1 if point == "baselines" else 0
+    return {"PAUSE_AFTER_RESULT": str(k - rows_on_disk(run_dir))}, there
 
 
-@pytest.mark.parametrize("point", ["baselines", "mid-generation", "checkpoint-write"])
-def test_sigkilled_driver_resumes_to_the_same_run(reference, search_model, search_cache, tmp_path, point,
-                                                  capsys):  # fmt: skip
+def test_a_driver_sigkilled_at_each_point_resumes_to_the_same_run(reference, search_model, search_cache, tmp_path,
+                                                                  capsys):  # fmt: skip
+    """One run, SIGKILLed at each point in turn (every restart is `--resume` of the run the last kill left)
+    and then resumed to its end: it ends exactly like the reference run, and nothing computed is lost."""
     run_dir = tmp_path / "killed"
-    env, there, generation = pause_plan(point, reference)
-    flags = [*search_flags(settings(search_model, search_cache)), "--workers", "1", "--run-dir", str(run_dir)]
-    kill_when_paused([sys.executable, str(PAUSED_DRIVER), *flags, "--quiet"], env, run_dir, there)
+    flags = [*search_flags(settings(search_model, search_cache)), "--run-dir", str(run_dir)]
+    persisted = []
+    for point, generation in POINTS.items():
+        env, there = pause_plan(point, run_dir, reference)
+        start = ["--resume", str(run_dir)] if persisted else flags
+        # --no-preflight: the cache holds the statistics already; a driver's own evaluator adds nothing here
+        command = [sys.executable, str(PAUSED_DRIVER), *start, "--workers", "1", "--no-preflight", "--quiet"]
+        kill_when_paused(command, env, run_dir, there)
 
-    # The checkpoint on disk is a whole one: the last one completed before the kill.
-    assert load_checkpoint(run_dir, parse_formula).generation == generation
-    persisted = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
-    if point == "checkpoint-write":
-        (temp,) = checkpoint_temps(run_dir)  # the interrupted write is left behind, whole but unused
-        assert json.loads(temp.read_text())["generation"] == 1
-    else:
-        assert len(persisted) == int(env["PAUSE_AFTER_RESULT"])  # every result up to the kill is on disk
+        # The checkpoint on disk is a whole one: the last one completed before the kill.
+        assert load_checkpoint(run_dir, parse_formula).generation == generation, point
+        on_disk = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
+        assert on_disk[: len(persisted)] == persisted, point  # what the last driver saved is kept
+        if point == "checkpoint-write":
+            (temp,) = checkpoint_temps(run_dir)  # the interrupted write is left behind, whole but unused
+            assert json.loads(temp.read_text())["generation"] == 1
+        else:  # every result up to the kill is on disk
+            assert len(on_disk) == len(persisted) + int(env["PAUSE_AFTER_RESULT"]), point
+        persisted = on_disk
 
-    # The resume runs in this process, on the module's Ray (a second Ray start costs several seconds).
-    assert run_cli(main, ["--resume", str(run_dir), "--workers", "2", "--quiet", "--json"]) == 0
+    # The last resume runs in this process, on the module's Ray (a Ray start costs several seconds).
+    assert (
+        run_cli(main, ["--resume", str(run_dir), "--workers", "2", "--no-preflight", "--quiet", "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["generations"] == GENERATIONS
     assert outcome(run_dir) == outcome(reference)
     assert not checkpoint_temps(run_dir)
     final = [(r["canonical"], r["fidelity"]) for r in candidate_rows(run_dir)]
-    assert final[: len(persisted)] == persisted  # results from before the kill were kept, not recomputed
+    assert final[: len(persisted)] == persisted  # results from before the kills were kept, not recomputed
     assert sorted(final) == sorted((r["canonical"], r["fidelity"]) for r in candidate_rows(reference))
 
 

@@ -1,28 +1,37 @@
 """A short search on a two-node local Ray cluster (`ray.cluster_utils.Cluster`), joined the way
-`--address HOST:PORT` joins one: the actors land on both nodes and the run completes; a worker node with
-no model, data or cache runs the same search from what the driver ships through Ray's object store."""
+`--address HOST:PORT` joins one: the actors land on both nodes and, with no model, data or cache there,
+run the same search from what the driver ships through Ray's object store."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import make_tiny_model
-from search_fixtures import actor_places, outcome, run_in_process
+from search_fixtures import actor_places, evaluator_settings, outcome, run_in_process
 
-from fitness.setup import EvaluatorSettings, build_evaluator
-from metric_search import cluster, rundir
+from fitness.setup import EvaluatorSettings
+from metric_search import cluster
 from metric_search.config import ExecutionSettings, SearchSettings
 from metric_search.search import Search, start_run
 
 
+@pytest.fixture(autouse=True)
+def no_ray_left_running():
+    """Each test here makes its own Ray: the one other modules' tests leave running (local_ray) ends first."""
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture
-def two_nodes():
+def cluster_left_running():
+    """A one-node Ray cluster (1 CPU) that, like `ray start`, leaves its address for a plain ray.init()."""
     import ray
     from ray.cluster_utils import Cluster
 
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes.add_node(num_cpus=1)
     try:
         yield nodes
     finally:
@@ -30,40 +39,12 @@ def two_nodes():
         nodes.shutdown()
 
 
-def test_search_spreads_over_two_nodes(two_nodes, tokenizer_dir, tmp_path):
-    import ray
-    from transformers import AutoTokenizer
-
-    model = tmp_path / "tiny"
-    make_tiny_model("llama", 1).save_pretrained(model)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model)
-    evaluator = EvaluatorSettings(model=str(model), cache_dir=str(tmp_path / "cache"), nsamples=4, calib_seqlen=32,
-                                  fitness_windows=2, fitness_seqlen=32)  # fmt: skip
-    build_evaluator(evaluator)  # statistics once, shared by both nodes through the cache folder
-
-    assert cluster.connect(two_nodes.address, num_cpus=2) is True  # the --address path
-    settings = SearchSettings(generations=2, population=8, seed=1, confirm=2, evaluator=evaluator)
-    execution = ExecutionSettings(workers=2, address=two_nodes.address, progress=False)
-    run_dir = tmp_path / "run"
-    start_run(settings, run_dir, "two-nodes", execution)
-    seen_nodes = set()
-
-    def record(event, **info):
-        if event == "result":
-            seen_nodes.add(info["where"]["node"])  # the node whose actor computed this result
-
-    state = Search(settings, execution, run_dir, observer=record).run()
-    cluster_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-    assert len(cluster_nodes) == 2 and seen_nodes == cluster_nodes
-    assert state.generation == 1 and state.hall_of_fame
-    hall = json.loads((run_dir / rundir.HALL_OF_FAME).read_text())
-    assert hall["entries"][0]["formula"] == state.hall_of_fame[0]
-
-
-def test_a_worker_node_without_model_data_or_cache_runs_the_same_search(tokenizer_dir, tmp_path, monkeypatch):
-    """The driver prepares the model, statistics and windows once and ships them; the model folder and the
-    cache are moved away before any actor starts, and the actors' node has a bogus data folder in its
-    environment: the hall of fame, every result and the last population equal a one-node run's."""
+def test_a_search_over_two_nodes_without_model_data_or_cache_runs_the_same_search(tokenizer_dir, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """Joined the --address way, a two-node cluster runs the search on both nodes. The driver prepares the
+    model, statistics and windows once and ships them: the model folder and the cache are moved away before
+    any actor starts and both nodes have a bogus data folder in their environment, yet the hall of fame,
+    every result and the last population equal a one-node run's."""
     import ray
     from ray.cluster_utils import Cluster
     from transformers import AutoTokenizer
@@ -93,32 +74,41 @@ def test_a_worker_node_without_model_data_or_cache_runs_the_same_search(tokenize
         return shipment
 
     monkeypatch.setattr(setup, "prepare_shipment", prepare_then_hide_the_files)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the actors go to the worker
-    nodes.add_node(num_cpus=2, env_vars={"METRIC_SEARCH_DATA_DIR": str(tmp_path / "no-data-here")})
+    no_data = {"env_vars": {"METRIC_SEARCH_DATA_DIR": str(tmp_path / "no-data-here")}}
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **no_data})
+    nodes.add_node(num_cpus=1, **no_data)
+    seen_nodes = set()
+
+    def record(event, **info):
+        if event == "result":
+            seen_nodes.add(info["where"]["node"])  # the node whose actor computed this result
+
     try:
-        assert cluster.connect(nodes.address, num_cpus=None) is True
+        assert cluster.connect(nodes.address, num_cpus=None) is True  # the --address path
+        cluster_nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         execution = ExecutionSettings(workers=2, address=nodes.address, progress=False)
         run_dir = tmp_path / "two-nodes"
         start_run(settings, run_dir, "two-nodes", execution)
-        Search(settings, execution, run_dir).run()
+        Search(settings, execution, run_dir, observer=record).run()
     finally:
         ray.shutdown()
         nodes.shutdown()
+    assert len(cluster_nodes) == 2 and seen_nodes == cluster_nodes
     assert not model.exists() and (tmp_path / "model-gone").is_dir()
     assert outcome(run_dir) == outcome(tmp_path / "one-node")
 
 
-def test_the_embedded_ray_never_joins_a_cluster_left_running_on_the_machine(two_nodes):
-    """Without --address the search starts its own loopback Ray, although `ray start` (here the
-    two-node cluster) left an address for a plain ``ray.init()`` to find."""
+def test_the_embedded_ray_never_joins_a_cluster_left_running_on_the_machine(cluster_left_running):
+    """Without --address the search starts its own loopback Ray, although `ray start` (here a 1-CPU
+    cluster) left an address for a plain ``ray.init()`` to find."""
     import ray
 
     assert cluster.connect(None, num_cpus=2) is True
     try:
         nodes = [node for node in ray.nodes() if node["Alive"]]
         assert [node["NodeManagerAddress"] for node in nodes] == ["127.0.0.1"]
-        assert ray.cluster_resources()["CPU"] == 2.0  # not the two-node cluster's 1 + 1
-        assert ray.get_runtime_context().gcs_address != two_nodes.address
+        assert ray.cluster_resources()["CPU"] == 2.0  # not the cluster's 1
+        assert ray.get_runtime_context().gcs_address != cluster_left_running.address
     finally:
         ray.shutdown()
 
@@ -160,57 +150,44 @@ def test_actor_layout_follows_the_cluster_unless_told(workers, threads, per_gpu,
     assert cluster.actor_layout(workers, threads, per_gpu, device, resources) == expected
 
 
-def test_two_actors_per_gpu_on_two_gpus_are_four_half_gpu_actors(tmp_path, tokenizer_dir):
-    """Fake GPU resources on a CPU Ray: the default layout places 4 actors of 0.5 GPU (all GPUs
-    reserved), and every actor that runs a job holds exactly that share. (4 actors, not more: each
-    imports torch, which on a 2-core machine costs most of this test.)"""
+def test_two_actors_per_gpu_hold_every_gpu_and_a_pool_that_cannot_fit_names_the_flag(
+    search_model, search_cache
+):
+    """A fake GPU on a CPU Ray: the default layout places 2 actors of 0.5 GPU (the GPU is all reserved),
+    and every actor that runs a job holds exactly that share. (One GPU, not more: each actor imports
+    torch, which on a 2-core machine costs most of this test.) Pools the cluster cannot hold are refused
+    up front with the flag that helps, instead of waiting forever."""
     import time
 
     import ray
-    from transformers import AutoTokenizer
 
-    from metric_search.dispatch import EvaluatorPool, Job
+    from metric_search.dispatch import EvaluatorPool, Job, PoolError
 
-    model = tmp_path / "tiny"
-    make_tiny_model("llama", 1).save_pretrained(model)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model)
-    evaluator = EvaluatorSettings(model=str(model), cache_dir=str(tmp_path / "cache"), nsamples=4, calib_seqlen=32,
-                                  fitness_windows=2, fitness_seqlen=32, device="cpu")  # fmt: skip
-    build_evaluator(evaluator)  # statistics cached once for all actors
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     try:
+        with pytest.raises(
+            PoolError, match=r"need 4 CPU but the Ray cluster has 2; pass fewer --workers or --threads"
+        ):
+            EvaluatorPool({}, workers=4, threads=1, gpu_share=0.0, hard_timeout=60.0)
+        with pytest.raises(
+            PoolError, match=r"need 2 GPU .* has 1; pass fewer --workers or more --actors-per-gpu"
+        ):
+            EvaluatorPool({}, workers=2, threads=1, gpu_share=1.0, hard_timeout=60.0)
+
         workers, share = cluster.actor_layout(None, 1, 2, None, ray.cluster_resources())
-        assert (workers, share) == (4, 0.5)
+        assert (workers, share) == (2, 0.5)
+        evaluator = replace(evaluator_settings(search_model, search_cache), device="cpu")
         pool = EvaluatorPool(evaluator.as_dict(), workers, 1, share, hard_timeout=300.0)
         try:
             deadline = time.monotonic() + 60
             while ray.available_resources().get("GPU", 0.0) > 1e-9 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 4 x 0.5 placed
+            assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 2 x 0.5 placed
             results = pool.run([Job("abs(W) * X", "proxy"), Job("abs(W)", "proxy")])
             assert all(r["reason"] is None for r in results)
             shares = [w["resources"].get("GPU") for w in actor_places(pool)]
             assert shares and all(s == pytest.approx(0.5) for s in shares)
         finally:
             pool.shutdown()
-    finally:
-        ray.shutdown()
-
-
-def test_a_pool_the_cluster_cannot_hold_names_the_flag_that_helps():
-    import ray
-
-    from metric_search.dispatch import EvaluatorPool, PoolError
-
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
-    try:
-        with pytest.raises(
-            PoolError, match=r"need 8 CPU but the Ray cluster has 4; pass fewer --workers or --threads"
-        ):
-            EvaluatorPool({}, workers=8, threads=1, gpu_share=0.0, hard_timeout=60.0)
-        with pytest.raises(
-            PoolError, match=r"need 2 GPU .* has 1; pass fewer --workers or more --actors-per-gpu"
-        ):
-            EvaluatorPool({}, workers=2, threads=1, gpu_share=1.0, hard_timeout=60.0)
     finally:
         ray.shutdown()

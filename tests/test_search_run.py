@@ -5,16 +5,15 @@ pruning core computed independently, and export -> `pruning_core scorers` -> `pr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from search_fixtures import cli, run_in_process, search_settings
+from search_fixtures import run_in_process, search_settings
 
 from metric_search import rundir
 from metric_search.cli import main
+from metric_search.report import write_report
 from metric_search.results import load_run
 from primitives import canonical_key
 from primitives.scorer import FormulaScorer
@@ -134,15 +133,57 @@ def test_three_generations_write_every_file(three_generations, search_model, sea
         assert image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_a_plot_is_redrawn_only_when_its_data_changed(three_generations, tmp_path):
+    """The report follows every generation and the final check. A plot whose data did not change keeps its
+    file (same inode: not rewritten); one whose data changed, or whose file is damaged, is drawn anew."""
+    import shutil
+
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_generations, run_dir)
+    run = load_run(run_dir)
+    state = run.state
+    fitness, pareto = run_dir / rundir.FITNESS_PLOT, run_dir / rundir.PARETO_PLOT
+
+    def inodes():
+        return fitness.stat().st_ino, pareto.stat().st_ino
+
+    drawn = inodes()
+    state.final = None  # the report changes, no plot does
+    write_report(run_dir, run.config, state)
+    assert inodes() == drawn and "Not run yet" in (run_dir / rundir.REPORT).read_text()
+
+    state.history.append({**state.history[-1], "generation": state.generation + 1})
+    write_report(run_dir, run.config, state)
+    assert fitness.stat().st_ino != drawn[0] and pareto.stat().st_ino == drawn[1]
+    entry = next(e for e in state.candidates.values() if e["ppl"] and e["ppl"]["reason"] is None)
+    entry["ppl"] = {**entry["ppl"], "fitness": entry["ppl"]["fitness"] * 2}
+    write_report(run_dir, run.config, state)
+    assert pareto.stat().st_ino != drawn[1]
+
+    drawn = inodes()
+    fitness.write_bytes(b"not a png")
+    write_report(run_dir, run.config, state)
+    assert fitness.stat().st_ino != drawn[0] and pareto.stat().st_ino == drawn[1]
+    with Image.open(fitness) as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
 def test_export_is_listed_and_prunes_like_the_formula(
-    three_generations, search_model, search_cache, tmp_path
+    three_generations, search_model, search_cache, tmp_path, capsys, isolated_plugins
 ):
+    from pruning_core.cli import main as core_main
+
+    def run(main, *args):
+        assert run_cli(main, list(args)) == 0
+        return json.loads(capsys.readouterr().out)
+
     plugins = tmp_path / "plugins"
-    exported = subprocess.run(cli("export", str(three_generations), "--top", "2", "--dir", str(plugins),
-                                  "--name", "found", "--json"), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    run(main, "export", str(three_generations), "--top", "2", "--dir", str(plugins), "--name", "found",
+        "--json")  # fmt: skip
     hall = json.loads((three_generations / rundir.HALL_OF_FAME).read_text())
-    run = load_run(three_generations)
+    run_record = load_run(three_generations)
     for rank in (1, 2):
         data = json.loads((plugins / f"found-{rank}.json").read_text())
         assert checked_plugin(data, "test") == data
@@ -150,20 +191,15 @@ def test_export_is_listed_and_prunes_like_the_formula(
         assert data["formula"] == entry["formula"] and data["group"] == "row"
         assert data["stats"] == list(FormulaScorer(entry["formula"]).stats)
         assert data["provenance"]["fitness"] == (entry["top"] if entry["top"] is not None else entry["ppl"])
-        assert data["provenance"]["run_id"] == run.config["run_id"] and data["provenance"]["seed"] == 7
+        assert data["provenance"]["run_id"] == run_record.config["run_id"] and data["provenance"]["seed"] == 7
 
-    def core(*args):
-        proc = subprocess.run([sys.executable, "-m", "pruning_core", *args], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout)
-
-    listed = {row["name"]: row for row in core("scorers", "--plugins", str(plugins), "--json")["scorers"]}
+    listed = run(core_main, "scorers", "--plugins", str(plugins), "--json")["scorers"]
+    listed = {row["name"]: row for row in listed}
     assert listed["found-1"]["kind"] == "plugin" and listed["found-2"]["kind"] == "plugin"
     prune = ["prune", "--model", str(search_model), "--cache-dir", str(search_cache), "--nsamples", "4", "--seqlen", "32",
              "--eval", "wikitext2-valid", "--max-windows", "2", "--json"]  # fmt: skip
-    by_name = core(*prune, "--plugins", str(plugins), "--scorer", "found-1")
-    by_text = core(*prune, "--formula", hall["entries"][0]["formula"])
+    by_name = run(core_main, *prune, "--plugins", str(plugins), "--scorer", "found-1")
+    by_text = run(core_main, *prune, "--formula", hall["entries"][0]["formula"])
     assert by_name["ppl"] == by_text["ppl"]
 
 
