@@ -89,7 +89,7 @@ def _profile(search: SearchSettings, execution: ExecutionSettings) -> Profile:
     return Profile(replace(search, evaluator=evaluator), execution)
 
 
-# CPU profile: the README's main command on smollm2-135m (22-27 min per seed on one 2-core machine, a
+# CPU profile: the README's main command on smollm2-135m (18-20 min per seed on one 2-core machine, a
 # top-rung formula ~95 s with both workers busy). It searches the mask for SparseGPT's OBS update at 50%: on
 # this model no mask alone beats Wanda's outside the noise at 50%, while masks for the update do
 # (`sqrt(X) * abs(W)`, 0.96 of Wanda+obs held out in 2 of 3 seeds), and one setting per search finds more
