@@ -10,6 +10,7 @@ searches candidates per minute at each rung (from the run's candidates.jsonl) an
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def search(actors_per_gpu: int, args, scratch: Path) -> dict:
         command += ["--population", str(args.population)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    command += shlex.split(args.search_args)
     result = run_json(command, args.step_timeout)
     step = {k: result.get(k) for k in ("generations", "seconds", "error") if k in result}
     chosen = result.get("chosen") or {}
@@ -93,6 +95,11 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--generations", type=int, default=3, help="generations of each search (3)")
     p.add_argument("--population", type=int, default=None, help="population of each search (the profile's)")
+    p.add_argument(
+        "--search-args",
+        default="",
+        help='more search flags, e.g. "--nsamples 32 --final-top 1" for a short lease',
+    )
     p.add_argument("--step-timeout", type=float, default=900.0, help="seconds any one step may take")
     p.add_argument("--skip", default="", help="comma list of steps to leave out: eval,prune,overhead,search")
     args = p.parse_args()

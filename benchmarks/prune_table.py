@@ -13,6 +13,8 @@ from pathlib import Path
 
 from common import parser, report
 
+from pruning_core.updates import split_update
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
     "50%": ["--sparsity", "0.5"],
@@ -62,7 +64,11 @@ def main():
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 test windows (0 = all)")
-    p.add_argument("--scorers", default="magnitude,wanda,sparsegpt,ria")
+    p.add_argument(
+        "--scorers",
+        default="magnitude,wanda,sparsegpt,ria",
+        help="names, each optionally +UPDATE: wanda+refit",
+    )
     p.add_argument("--settings", default="50%,2:4,4:8")
     p.add_argument(
         "--timing-nsamples",
@@ -103,7 +109,8 @@ def main():
     ]
     for scorer in [name for name in args.scorers.split(",") if name]:
         for setting in args.settings.split(","):
-            out = cli("prune", *common, "--scorer", scorer, *SETTINGS[setting])
+            name, update = split_update(scorer)  # "wanda+refit": Wanda's mask, then the refit
+            out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
             rows.append(
                 {
                     "scorer": scorer,
