@@ -238,6 +238,15 @@ def test_an_evaluator_from_a_shipment_reads_no_file_and_equals_one_from_files(se
     [
         (lambda w: w / 0.0 * 0.0, "nonfinite"),
         (lambda w: torch.full_like(w, float("inf")), "nonfinite"),
+        # one bad score in one group: it must reach that group's min/max
+        (
+            lambda w: w.abs().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(math.nan)),
+            "nonfinite",
+        ),
+        (
+            lambda w: w.abs().index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(-math.inf)),
+            "nonfinite",
+        ),
         (lambda w: torch.ones_like(w), "constant"),
         (lambda w: w[:, :3], "error"),
         (lambda w: (_ for _ in ()).throw(RuntimeError("boom")), "error"),
