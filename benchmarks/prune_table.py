@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common import parser, report
 
+from pruning_core.errors import UsageError
 from pruning_core.updates import split_update
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +81,17 @@ def main():
         "--out", default=None, help="markdown file (default benchmarks/results/prune_table_<model>.md)"
     )
     args = p.parse_args()
+    try:  # before the dense evaluation: a typo fails at once, not after minutes of pruning
+        cells = [
+            (scorer, split_update(scorer), setting)
+            for scorer in filter(None, args.scorers.split(","))
+            for setting in args.settings.split(",")
+        ]
+    except UsageError as err:
+        p.error(f"--scorers: {err}")
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        p.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     base = ["--model", args.model, "--seqlen", str(args.seqlen)]
     if args.max_windows:
         base += ["--max-windows", str(args.max_windows)]
@@ -107,23 +119,21 @@ def main():
             "peak_rss_mb": dense.get("peak_rss_mb"),
         }
     ]
-    for scorer in [name for name in args.scorers.split(",") if name]:
-        for setting in args.settings.split(","):
-            name, update = split_update(scorer)  # "wanda+refit": Wanda's mask, then the refit
-            out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
-            rows.append(
-                {
-                    "scorer": scorer,
-                    "setting": setting,
-                    "ppl": out.get("ppl"),
-                    "prune_s": out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
-                    if "error" not in out
-                    else None,
-                    "peak_rss_mb": out.get("peak_rss_mb"),
-                    "error": out.get("error"),
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    for scorer, (name, update), setting in cells:  # "wanda+refit": Wanda's mask, then the refit
+        out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
+        rows.append(
+            {
+                "scorer": scorer,
+                "setting": setting,
+                "ppl": out.get("ppl"),
+                "prune_s": out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
+                if "error" not in out
+                else None,
+                "peak_rss_mb": out.get("peak_rss_mb"),
+                "error": out.get("error"),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
     timing_args = copy.copy(args)
     timing_args.nsamples = args.timing_nsamples
     timing = {}

@@ -238,7 +238,7 @@ def test_an_evaluator_from_a_shipment_reads_no_file_and_equals_one_from_files(se
     [
         (lambda w: w / 0.0 * 0.0, "nonfinite"),
         (lambda w: torch.full_like(w, float("inf")), "nonfinite"),
-        # one bad score among finite ones, in one linear's one row
+        # one bad score among finite ones in each linear (the check's finite-sum shortcut must see it)
         (
             lambda w: w.abs().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(math.nan)),
             "nonfinite",
