@@ -33,41 +33,40 @@ def _sorted_small_groups(groups: torch.Tensor) -> list[torch.Tensor]:
     return values
 
 
-def _above_kth_smallest_cpu(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a contiguous CPU tensor: the k-th smallest (1-based) along the last dim (..., 1), the mask of
-    entries above it, and the indices of the slices where that mask keeps fewer than n - k entries (a
-    tie at the threshold; see ``_prune_lowest``), by numpy's partition on chunks of whole slices in
-    parallel threads.
-    The comparison and the counts run in the same threads: torch ops in between would make its OpenMP
-    workers compete with them."""
+def _keep_above_lowest_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``_prune_lowest`` for a contiguous float32 CPU tensor: numpy's partition finds each slice's k-th
+    smallest (1-based), on chunks of whole slices in parallel threads. Everything in a chunk, the ties
+    at the threshold included, is decided in its thread: torch ops in between would make torch's
+    OpenMP workers compete with the threads (and a torch gather of the tied slices costs more than the
+    selection when scores take few distinct values, as the weights of a bfloat16 model do)."""
     global _select_pool
     flat = scores.detach().reshape(-1, scores.shape[-1]).numpy()
     slices, size = flat.shape
     per_chunk = max(1, SELECT_CHUNK // size)
     chunks = [slice(first, first + per_chunk) for first in range(0, slices, per_chunk)]
-    threshold = np.empty((slices, 1), dtype=flat.dtype)
-    above = np.empty(flat.shape, dtype=np.bool_)
+    keep = np.empty(flat.shape, dtype=np.bool_)
 
-    def select(part: slice) -> np.ndarray:
-        threshold[part, 0] = np.partition(flat[part], k - 1, axis=-1)[:, k - 1]
-        np.greater(flat[part], threshold[part], out=above[part])
-        if np.count_nonzero(above[part]) == (min(part.stop, slices) - part.start) * (size - k):
-            return np.empty(0, dtype=np.int64)
-        return np.flatnonzero(np.count_nonzero(above[part], axis=1) != size - k) + part.start
+    def select(part: slice) -> None:
+        values, kept = flat[part], keep[part]
+        threshold = np.partition(values, k - 1, axis=-1)[:, k - 1 : k]
+        np.greater(values, threshold, out=kept)
+        if np.count_nonzero(kept) == values.shape[0] * (size - k):
+            return  # no slice has a tie at its threshold: each kept exactly size - k
+        tied = np.flatnonzero(np.count_nonzero(kept, axis=1) != size - k)
+        tied_values, at = values[tied], threshold[tied]
+        below, ties = tied_values < at, tied_values == at
+        still_needed = k - np.count_nonzero(below, axis=1, keepdims=True)
+        kept[tied] = ~(below | (ties & (np.cumsum(ties, axis=1) <= still_needed)))
 
     workers = min(len(chunks), torch.get_num_threads(), os.cpu_count() or 1)
     if workers > 1:
         if _select_pool is None:
             _select_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        tied = list(_select_pool.map(select, chunks))
+        list(_select_pool.map(select, chunks))
     else:
-        tied = list(map(select, chunks))
-    shape = scores.shape
-    return (
-        torch.from_numpy(threshold).reshape(*shape[:-1], 1),
-        torch.from_numpy(above).reshape(shape),
-        torch.from_numpy(np.concatenate(tied)),
-    )
+        for part in chunks:
+            select(part)
+    return torch.from_numpy(keep).reshape(scores.shape)
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,8 +84,8 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     scores = scores.contiguous()
     if size > NETWORK_MAX_GROUP and scores.device.type == "cpu" and scores.dtype == torch.float32:
-        threshold, keep, tied = _above_kth_smallest_cpu(scores, k)
-    elif size <= NETWORK_MAX_GROUP:
+        return _keep_above_lowest_cpu(scores, k)
+    if size <= NETWORK_MAX_GROUP:
         ordered = _sorted_small_groups(scores)
         threshold = ordered[k - 1].unsqueeze(-1)
         keep = scores > threshold

@@ -238,13 +238,17 @@ def test_an_evaluator_from_a_shipment_reads_no_file_and_equals_one_from_files(se
     [
         (lambda w: w / 0.0 * 0.0, "nonfinite"),
         (lambda w: torch.full_like(w, float("inf")), "nonfinite"),
-        # one bad score among finite ones in each linear (the check's finite-sum shortcut must see it)
+        # one bad score among finite ones in each linear (the check reads only each group's max and min)
         (
             lambda w: w.abs().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(math.nan)),
             "nonfinite",
         ),
         (
             lambda w: w.abs().index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(-math.inf)),
+            "nonfinite",
+        ),
+        (
+            lambda w: w.abs().index_put_((torch.tensor([2]), torch.tensor([1])), torch.tensor(math.inf)),
             "nonfinite",
         ),
         (lambda w: torch.ones_like(w), "constant"),
@@ -260,12 +264,13 @@ def test_bad_candidates_get_inf_and_a_reason(settings, fn, reason):
     assert all(torch.equal(v, before[k]) for k, v in evaluator.model.state_dict().items())
 
 
-def test_finite_scores_whose_sum_overflows_are_not_called_nonfinite(settings):
-    """The check's shortcut (a finite sum proves every score finite) must fall back to the exact test
-    when finite scores near float32's maximum overflow their sum."""
+@pytest.mark.parametrize("fidelity", ["proxy", "ppl"])
+def test_finite_scores_whose_sum_overflows_are_not_called_nonfinite(settings, fidelity):
+    """Finite scores near float32's maximum, whose sums (max + min of a group included) overflow, are
+    a valid candidate: the check must test each value's finiteness, not a sum's."""
     evaluator = build_evaluator(settings)
     huge = FixedScorer("huge", lambda w: torch.where(w > 0, 3e38, 1e38) + 0 * w)
-    result = evaluator.evaluate(huge, "proxy")
+    result = evaluator.evaluate(huge, fidelity)
     assert result["reason"] is None and math.isfinite(result["fitness"])
 
 
