@@ -38,7 +38,7 @@ def _keep_above_lowest_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     smallest (1-based), on chunks of whole slices in parallel threads. Everything in a chunk, the ties
     at the threshold included, is decided in its thread: torch ops in between would make torch's
     OpenMP workers compete with the threads (and a torch gather of the tied slices costs more than the
-    selection when scores take few distinct values, as the weights of a bfloat16 model do)."""
+    selection when scores take few distinct values, as the weights of a half-precision model do)."""
     global _select_pool
     flat = scores.detach().reshape(-1, scores.shape[-1]).numpy()
     slices, size = flat.shape
