@@ -9,6 +9,7 @@ searches candidates per minute at each rung (from the run's candidates.jsonl) an
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -63,6 +64,14 @@ def _brief(result: dict) -> dict:
     return {k: result[k] for k in keep if k in result}
 
 
+def _shell_words(text: str) -> list[str]:
+    """--search-args as the search's argv (a bad quote is a usage error, not a traceback)."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f'{err}; quote it as a shell would, e.g. "--nsamples 32"') from err
+
+
 def search_throughput(run_dir: Path, seconds: float) -> dict:
     """Candidates per minute at each rung over the whole run, from the run's own record."""
     path = run_dir / "candidates.jsonl"
@@ -81,7 +90,7 @@ def search(actors_per_gpu: int, args, scratch: Path) -> dict:
         command += ["--population", str(args.population)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
-    command += shlex.split(args.search_args)
+    command += args.search_args
     result = run_json(command, args.step_timeout)
     step = {k: result.get(k) for k in ("generations", "seconds", "error") if k in result}
     chosen = result.get("chosen") or {}
@@ -97,6 +106,7 @@ def main() -> None:
     p.add_argument("--population", type=int, default=None, help="population of each search (the profile's)")
     p.add_argument(
         "--search-args",
+        type=_shell_words,
         default="",
         help='more search flags, e.g. "--nsamples 32 --final-top 1" for a short lease',
     )

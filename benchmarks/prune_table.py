@@ -81,15 +81,16 @@ def main():
         "--out", default=None, help="markdown file (default benchmarks/results/prune_table_<model>.md)"
     )
     args = p.parse_args()
+    settings = [setting for setting in args.settings.split(",") if setting]
     try:  # before the dense evaluation: a typo fails at once, not after minutes of pruning
         cells = [
             (scorer, split_update(scorer), setting)
             for scorer in filter(None, args.scorers.split(","))
-            for setting in args.settings.split(",")
+            for setting in settings
         ]
     except UsageError as err:
         p.error(f"--scorers: {err}")
-    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         p.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     base = ["--model", args.model, "--seqlen", str(args.seqlen)]
