@@ -1,11 +1,16 @@
 """Perplexity, prune time and peak RSS of every built-in scorer at several sparsities on one model,
 each run in its own `python -m pruning_core prune --json` process; a markdown table under
-benchmarks/results/. Also times the driver against a straightforward batch-1 reference loop."""
+benchmarks/results/. Also times the driver against a straightforward batch-1 reference loop.
+
+A full table at 128 x 512 calibration takes hours on a CPU, so each finished cell is appended to a JSON-lines
+file next to the table (`--cells`) and a rerun with the same calibration, window length and windows skips
+the cells that file already holds: an interrupted run resumes where it stopped."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +22,12 @@ from pruning_core.errors import UsageError
 from pruning_core.updates import split_update
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COMMIT = (
+    subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=RESULTS.parent, capture_output=True, text=True
+    ).stdout.strip()
+    or "unknown"
+)
 SETTINGS = {
     "50%": ["--sparsity", "0.5"],
     "2:4": ["--pattern", "2:4"],
@@ -34,6 +45,42 @@ def cli(*args) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout)
+
+
+def load_cells(path: Path, config: dict) -> dict:
+    """The finished cells of `path` measured with `config`, by (scorer, setting); failed cells run again."""
+    done = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed run: that cell runs again
+            continue
+        if row.get("config") == config and not row.get("error"):
+            done[(row["scorer"], row["setting"])] = row
+    return done
+
+
+def append_cell(path: Path, config: dict, scorer: str, setting: str, out: dict, prune_s) -> dict:
+    row = {
+        "scorer": scorer,
+        "setting": setting,
+        "ppl": out.get("ppl"),
+        "prune_s": prune_s,
+        "peak_rss_mb": out.get("peak_rss_mb"),
+        "error": out.get("error"),
+        "commit": COMMIT,
+        "config": config,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:  # one line per cell, flushed: a killed run loses at most the cell it was in
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return row
+
+
+def _format(value, spec: str, error) -> str:
+    return format(value, spec) if value is not None and not error else f"error: {error}"
 
 
 def driver_vs_reference(args, scorer_name: str) -> dict:
@@ -80,6 +127,11 @@ def main():
     p.add_argument(
         "--out", default=None, help="markdown file (default benchmarks/results/prune_table_<model>.md)"
     )
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="JSON-lines file of finished cells, read to resume and appended to (default: --out as .jsonl)",
+    )
     args = p.parse_args()
     settings = [setting for setting in args.settings.split(",") if setting]
     try:  # before the dense evaluation: a typo fails at once, not after minutes of pruning
@@ -99,7 +151,15 @@ def main():
     for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--data-dir", args.data_dir)):
         if value:
             base += [flag, value]
-    dense = cli("eval", *base, "--data", "wikitext2-test")
+    config = {k: getattr(args, k) for k in ("model", "device", "dtype", "nsamples", "seqlen", "max_windows")}
+    path = Path(args.out) if args.out else RESULTS / f"prune_table_{Path(args.model).stem}.md"
+    cells_path = Path(args.cells) if args.cells else path.with_suffix(".jsonl")
+    done = load_cells(cells_path, config)
+    if ("dense", "-") not in done:
+        dense = cli("eval", *base, "--data", "wikitext2-test")
+        done[("dense", "-")] = append_cell(
+            cells_path, config, "dense", "-", dense, prune_s=0.0 if "error" not in dense else None
+        )
     common = [
         *base,
         "--calib",
@@ -111,50 +171,47 @@ def main():
         "--eval",
         "wikitext2-test",
     ]
-    rows = [
-        {
-            "scorer": "dense",
-            "setting": "-",
-            "ppl": dense.get("ppl"),
-            "prune_s": 0.0,
-            "peak_rss_mb": dense.get("peak_rss_mb"),
-        }
-    ]
     for scorer, (name, update), setting in cells:  # "wanda+refit": Wanda's mask, then the refit
+        if (scorer, setting) in done:
+            continue
         out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
-        rows.append(
-            {
-                "scorer": scorer,
-                "setting": setting,
-                "ppl": out.get("ppl"),
-                "prune_s": out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
-                if "error" not in out
-                else None,
-                "peak_rss_mb": out.get("peak_rss_mb"),
-                "error": out.get("error"),
-            }
+        prune_s = out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
+        done[(scorer, setting)] = append_cell(
+            cells_path, config, scorer, setting, out, prune_s if "error" not in out else None
         )
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        print(json.dumps(done[(scorer, setting)]), file=sys.stderr)
+    scorers = list(dict.fromkeys(scorer for scorer, _, _ in cells))
+    rows = [done[("dense", "-")]] + [done[(s, t)] for s in scorers for t in settings]
     timing_args = copy.copy(args)
     timing_args.nsamples = args.timing_nsamples
     timing = {}
     if args.timing_nsamples:
         timing = {name: driver_vs_reference(timing_args, name) for name in ("wanda", "sparsegpt")}
     windows = args.max_windows or "all"
+    dense = done[("dense", "-")]
+    commits = sorted({r["commit"] for r in rows})
     lines = [
         f"# Pruning table: {args.model}",
         "",
         f"C4 calibration {args.nsamples} x {args.seqlen}, seed 0; WikiText-2 test ppl, seqlen {args.seqlen}, "
-        f"{windows} windows.",
-        "",
-        "| scorer | setting | ppl | prune s | peak RSS MB |",
-        "|---|---|---|---|---|",
+        f"{windows} windows; dense ppl {_format(dense['ppl'], '.2f', dense.get('error'))}. "
+        f"Cells measured at {', '.join(commits)}; each is one `python -m pruning_core prune --json` process.",
     ]
-    for r in rows:
-        ppl = f"{r['ppl']:.2f}" if r["ppl"] else f"error: {r.get('error')}"
-        prune_s = f"{r['prune_s']:.1f}" if r["prune_s"] is not None else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
-        lines.append(f"| {r['scorer']} | {r['setting']} | {ppl} | {prune_s} | {rss} |")
+    for title, key, spec in (
+        ("Perplexity (lower is better)", "ppl", ".2f"),
+        ("Prune seconds (calibration forwards + scoring + masking and updates)", "prune_s", ".0f"),
+        ("Peak RSS MB", "peak_rss_mb", ".0f"),
+    ):
+        lines += [
+            "",
+            f"{title}:",
+            "",
+            f"| scorer | {' | '.join(settings)} |",
+            "|---" * (len(settings) + 1) + "|",
+        ]
+        for scorer in scorers:
+            values = [_format(done[(scorer, t)][key], spec, done[(scorer, t)].get("error")) for t in settings]
+            lines.append(f"| {scorer} | {' | '.join(values)} |")
     lines += (
         []
         if not timing
@@ -170,8 +227,7 @@ def main():
         f"| {k} | {v['driver_s']:.1f} | {v['reference_s']:.1f} | {v['ratio']:.3f} |"
         for k, v in timing.items()
     ]
-    RESULTS.mkdir(exist_ok=True)
-    path = Path(args.out) if args.out else RESULTS / f"prune_table_{Path(args.model).stem}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     report({"rows": rows, "timing": timing, "table": str(path)}, args.json)
 
