@@ -34,7 +34,7 @@ def _sorted_small_groups(groups: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _keep_above_lowest_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest`` for a contiguous float32 CPU tensor: numpy's partition finds each slice's k-th
+    """``keep_above_lowest`` for a contiguous float32 CPU tensor: numpy's partition finds each slice's k-th
     smallest (1-based), on chunks of whole slices in parallel threads. Everything in a chunk, the ties
     at the threshold included, is decided in its thread: torch ops in between would make torch's
     OpenMP workers compete with the threads (and a torch gather of the tied slices costs more than the
@@ -69,7 +69,7 @@ def _keep_above_lowest_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(keep).reshape(scores.shape)
 
 
-def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+def keep_above_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over the last dim of ``scores`` with the ``k`` lowest entries of every slice removed.
 
     Same result as a stable argsort (among equal scores the lower index goes first) but O(n) per slice:
@@ -122,11 +122,11 @@ def keep_mask(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
         if cols % spec.m:
             raise UsageError(f"pattern {spec.n}:{spec.m} needs input size divisible by {spec.m}, got {cols}")
         grouped = scores.reshape(-1, cols // spec.m, spec.m)
-        return _prune_lowest(grouped, spec.n).reshape(shape)
+        return keep_above_lowest(grouped, spec.n).reshape(shape)
     if spec.whole_matrix:
         flat = scores.reshape(-1, rows * cols)
-        return _prune_lowest(flat, round(spec.sparsity * rows * cols)).reshape(shape)
-    return _prune_lowest(scores, round(spec.sparsity * cols))  # "row" (the spec checked its group)
+        return keep_above_lowest(flat, round(spec.sparsity * rows * cols)).reshape(shape)
+    return keep_above_lowest(scores, round(spec.sparsity * cols))  # "row" (the spec checked its group)
 
 
 def parse_pattern(text: str | None, sparsity: float | None) -> tuple[float, int, int]:

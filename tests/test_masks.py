@@ -114,17 +114,17 @@ def test_a_stack_of_matrices_is_masked_as_each_matrix_alone(setting, levels, mon
 def test_the_kthvalue_path_gpus_take_masks_like_a_stable_sort(setting):
     """Off the CPU's float32 path (here: float64) thresholds come from torch.kthvalue (short N:M groups:
     the sorting network) and ties are counted with torch: the same masks, ties included."""
-    from pruning_core.masks import _prune_lowest
+    from pruning_core.masks import keep_above_lowest
 
     generator = torch.Generator().manual_seed(7)
     scores = torch.randint(0, 4, (6, 32), generator=generator).double()
     if ":" in setting:
         n, m = map(int, setting.split(":"))
         spec = SparsitySpec(n / m, n, m)
-        keep = _prune_lowest(scores.reshape(6, 32 // m, m), n).reshape(6, 32)
+        keep = keep_above_lowest(scores.reshape(6, 32 // m, m), n).reshape(6, 32)
     else:
         sparsity, group = setting.split("-")
         spec = SparsitySpec(float(sparsity), group=group)
         flat = scores.reshape(1, -1) if spec.whole_matrix else scores
-        keep = _prune_lowest(flat, round(spec.sparsity * flat.shape[-1])).reshape(6, 32)
+        keep = keep_above_lowest(flat, round(spec.sparsity * flat.shape[-1])).reshape(6, 32)
     assert torch.equal(keep, stable_keep(scores, spec))

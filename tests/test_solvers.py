@@ -220,14 +220,34 @@ def test_apt_gives_its_pruned_sets_the_rows_least_squares_optimum(spec):
     selected, selected_pruned = apt_select(weight, hessian, spec, block_size=32)
     assert torch.equal(pruned, selected_pruned) and torch.equal(new[pruned], torch.zeros(int(pruned.sum())))
     optimum = lstsq_rows(weight, hessian, pruned)
-    # run to convergence, the conjugate gradients give the least-squares weights ...
+    # run to convergence (until a step lowers the error by nothing), the conjugate gradients give the
+    # least-squares weights ...
     converged = joint_refit(
-        live_weight(weight, hessian), selected, pruned, damped64(hessian).float(), 1e-7, 500
+        live_weight(weight, hessian), selected, pruned, damped64(hessian).float(), 0.0, 500
     )
     torch.testing.assert_close(converged.double(), optimum, rtol=1e-4, atol=1e-4)
     # ... and at the default tolerance, the optimum's output error to 0.1%
     assert output_error(weight, new, x) <= 1.001 * output_error(weight, optimum, x)
     assert output_error(weight, new, x) < 0.95 * output_error(weight, selected, x)
+
+
+def test_the_refit_stops_at_the_first_step_that_lowers_the_error_by_less_than_the_tolerance():
+    weight, _, hessian = correlated_layer(16, 64, 256, seed=5)
+    selected, pruned = apt_select(weight, hessian, SparsitySpec(0.5), block_size=32)
+    original, h = live_weight(weight, hessian), damped64(hessian).float()
+
+    def error(w):  # the layer's error, computed directly in float64
+        difference = (w - original).double()
+        return float(((difference @ h.double()) * difference).sum())
+
+    errors = [error(joint_refit(original, selected, pruned, h, 0.0, steps)) for steps in range(40)]
+    for tolerance in (1e-2, 1e-3, 1e-4):
+        first = next(k for k in range(1, 40) if errors[k - 1] - errors[k] <= tolerance * errors[k])
+        assert 1 < first < 40
+        got = joint_refit(original, selected, pruned, h, tolerance, 40)
+        torch.testing.assert_close(
+            got, joint_refit(original, selected, pruned, h, 0.0, first), rtol=0, atol=0
+        )
 
 
 def test_apt_matrix_group_takes_each_rows_count_from_the_spans_lowest_losses():

@@ -32,7 +32,7 @@ import torch
 
 from pruning_core.errors import UsageError
 from pruning_core.linalg import damped_inverse
-from pruning_core.masks import keep_mask
+from pruning_core.masks import keep_above_lowest, keep_mask
 from pruning_core.scorers.base import Solver, SparsitySpec, register
 
 BLOCK_SIZE = 128
@@ -60,15 +60,6 @@ def obs_saliency(weight: torch.Tensor, u_diag: torch.Tensor) -> torch.Tensor:
     return weight.float() ** 2 / u_diag.reshape(1, -1) ** 2
 
 
-def _lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the ``count`` lowest scores of every row (stable order: lower index pruned first on ties)."""
-    pruned = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        order = torch.argsort(scores, dim=1, stable=True)
-        pruned.scatter_(1, order[:, :count], True)
-    return pruned
-
-
 def span_pruned(scores: torch.Tensor, first: int, spec: SparsitySpec) -> torch.Tensor:
     """Pruned mask of one span of columns [first, first + width) from its scores (rows, width), higher
     = keep: every N:M group's N lowest, or for unstructured sparsity the span's quota per row ("row")
@@ -80,8 +71,8 @@ def span_pruned(scores: torch.Tensor, first: int, spec: SparsitySpec) -> torch.T
     unit = 1 if spec.group == "row" else rows
     quota = round(spec.sparsity * unit * (first + width)) - round(spec.sparsity * unit * first)
     if spec.group == "row":
-        return _lowest_per_row(scores, quota)
-    return _lowest_per_row(scores.reshape(1, -1), quota).reshape(rows, width)
+        return ~keep_above_lowest(scores, quota)
+    return ~keep_above_lowest(scores.reshape(1, -1), quota).reshape(rows, width)
 
 
 def sequential_obs(
