@@ -224,7 +224,7 @@ def joint_refit(
     (H damped), by conjugate gradients preconditioned with diag(H), from ``start``. The span-by-span
     solution is close to it, so few steps (each one matrix product) reach what the direct per-row
     solves of ``exact_obs_update`` give, at a fraction of their cost. Stops when a step lowers the
-    layer's error sum_rows (w - w0) H (w - w0)^T by less than ``tolerance`` of it, or after ``max_steps``."""
+    layer's error sum_rows (w - w0) H (w - w0)^T by at most ``tolerance`` of it, or after ``max_steps``."""
     keep = (~pruned).float()
     inverse_diag = 1.0 / torch.diagonal(hessian)
     w = start * keep
