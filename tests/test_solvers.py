@@ -86,7 +86,11 @@ def test_fixed_mask_update_matches_column_by_column_obs():
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [SparsitySpec(0.6), SparsitySpec(n=2, m=4)], ids=["row-0.6", "2:4"])
+@pytest.mark.parametrize(
+    "spec",
+    [SparsitySpec(0.6), SparsitySpec(0.6, group="matrix"), SparsitySpec(n=2, m=4)],
+    ids=["row-0.6", "matrix-0.6", "2:4"],
+)
 def test_sparsegpt_matches_reference_selection_and_update(spec):
     weight, _, hessian = correlated_layer(7, 24, 100, seed=3)
     block = 8
@@ -95,6 +99,10 @@ def test_sparsegpt_matches_reference_selection_and_update(spec):
         scores = w**2 / d2.unsqueeze(0)
         if spec.is_nm:
             return lowest(scores.reshape(w.shape[0], -1, spec.m), spec.n).reshape(w.shape)
+        if spec.group == "matrix":  # the block's lowest over all its rows, quotas rounded cumulatively
+            rows = w.shape[0]
+            quota = round(spec.sparsity * rows * (j + w.shape[1])) - round(spec.sparsity * rows * j)
+            return lowest(scores.reshape(1, -1), quota).reshape(w.shape)
         # per-row quota of this block: cumulative rounding, so each row totals round(s * cols)
         quota = round(spec.sparsity * (j + w.shape[1])) - round(spec.sparsity * j)
         return lowest(scores, quota)
