@@ -22,12 +22,6 @@ from pruning_core.errors import UsageError
 from pruning_core.updates import split_update
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COMMIT = (
-    subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=RESULTS.parent, capture_output=True, text=True
-    ).stdout.strip()
-    or "unknown"
-)
 SETTINGS = {
     "50%": ["--sparsity", "0.5"],
     "2:4": ["--pattern", "2:4"],
@@ -47,6 +41,17 @@ def cli(*args) -> dict:
     return json.loads(proc.stdout)
 
 
+def _commit() -> str:
+    """The checkout's commit, recorded with each cell (a table may be filled over several commits)."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=RESULTS.parent, capture_output=True, text=True
+        )
+    except OSError:  # no git on this machine
+        return "unknown"
+    return described.stdout.strip() or "unknown"
+
+
 def load_cells(path: Path, config: dict) -> dict:
     """The finished cells of `path` measured with `config`, by (scorer, setting); failed cells run again."""
     done = {}
@@ -60,7 +65,7 @@ def load_cells(path: Path, config: dict) -> dict:
     return done
 
 
-def append_cell(path: Path, config: dict, scorer: str, setting: str, out: dict, prune_s) -> dict:
+def append_cell(path: Path, config: dict, commit: str, scorer: str, setting: str, out: dict, prune_s) -> dict:
     row = {
         "scorer": scorer,
         "setting": setting,
@@ -68,7 +73,7 @@ def append_cell(path: Path, config: dict, scorer: str, setting: str, out: dict, 
         "prune_s": prune_s,
         "peak_rss_mb": out.get("peak_rss_mb"),
         "error": out.get("error"),
-        "commit": COMMIT,
+        "commit": commit,
         "config": config,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,10 +160,11 @@ def main():
     path = Path(args.out) if args.out else RESULTS / f"prune_table_{Path(args.model).stem}.md"
     cells_path = Path(args.cells) if args.cells else path.with_suffix(".jsonl")
     done = load_cells(cells_path, config)
+    commit = _commit()
     if ("dense", "-") not in done:
         dense = cli("eval", *base, "--data", "wikitext2-test")
         done[("dense", "-")] = append_cell(
-            cells_path, config, "dense", "-", dense, prune_s=0.0 if "error" not in dense else None
+            cells_path, config, commit, "dense", "-", dense, prune_s=0.0 if "error" not in dense else None
         )
     common = [
         *base,
@@ -177,7 +183,7 @@ def main():
         out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
         prune_s = out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
         done[(scorer, setting)] = append_cell(
-            cells_path, config, scorer, setting, out, prune_s if "error" not in out else None
+            cells_path, config, commit, scorer, setting, out, prune_s if "error" not in out else None
         )
         print(json.dumps(done[(scorer, setting)]), file=sys.stderr)
     scorers = list(dict.fromkeys(scorer for scorer, _, _ in cells))

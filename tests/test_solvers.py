@@ -239,7 +239,7 @@ def test_apt_gives_its_pruned_sets_the_rows_least_squares_optimum(spec):
     assert output_error(weight, new, x) < 0.95 * output_error(weight, selected, x)
 
 
-def test_the_refit_stops_at_the_first_step_that_lowers_the_error_by_less_than_the_tolerance():
+def test_the_refit_stops_at_the_first_step_that_lowers_the_error_by_at_most_the_tolerance():
     weight, _, hessian = correlated_layer(16, 64, 256, seed=5)
     selected, pruned = apt_select(weight, hessian, SparsitySpec(0.5), block_size=32)
     original, h = live_weight(weight, hessian), damped64(hessian).float()
