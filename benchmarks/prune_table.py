@@ -4,7 +4,10 @@ benchmarks/results/. Also times the driver against a straightforward batch-1 ref
 
 A full table at 128 x 512 calibration takes hours on a CPU, so each finished cell is appended to a JSON-lines
 file next to the table (`--cells`) and a rerun with the same calibration, window length and windows skips
-the cells that file already holds: an interrupted run resumes where it stopped."""
+the cells that file already holds: an interrupted run resumes where it stopped. `--render-only` writes the
+table from that file alone (cells not yet measured show as "pending"). Notes written by hand go in a file
+beside the table (`--notes`, default: the `--out` path with `.notes.md`), appended below the tables on every
+render, so a rerun cannot overwrite them."""
 
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def load_cells(path: Path, config: dict) -> dict:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a killed run: that cell runs again
             continue
-        if row.get("config") == config and not row.get("error"):
+        # cells written before the table took --seed were all measured with calibration seed 0
+        if {"seed": 0, **row.get("config", {})} == config and not row.get("error"):
             done[(row["scorer"], row["setting"])] = row
     return done
 
@@ -84,8 +88,14 @@ def append_cell(path: Path, config: dict, commit: str, scorer: str, setting: str
     return row
 
 
-def _format(value, spec: str, error) -> str:
-    return format(value, spec) if value is not None and not error else f"error: {error}"
+def _format(cell: dict | None, key: str, spec: str) -> str:
+    if cell is None:
+        return "pending"
+    return (
+        format(cell[key], spec)
+        if cell[key] is not None and not cell.get("error")
+        else f"error: {cell['error']}"
+    )
 
 
 def driver_vs_reference(args, scorer_name: str) -> dict:
@@ -123,6 +133,7 @@ def main():
         help="names, each optionally +UPDATE: wanda+refit",
     )
     p.add_argument("--settings", default="50%,2:4,4:8")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (which C4 windows calibrate)")
     p.add_argument(
         "--timing-nsamples",
         type=int,
@@ -136,6 +147,14 @@ def main():
         "--cells",
         default=None,
         help="JSON-lines file of finished cells, read to resume and appended to (default: --out as .jsonl)",
+    )
+    p.add_argument(
+        "--notes",
+        default=None,
+        help="markdown appended below the tables when it exists (default: --out as .notes.md)",
+    )
+    p.add_argument(
+        "--render-only", action="store_true", help="write the table from --cells without running any cell"
     )
     args = p.parse_args()
     settings = [setting for setting in args.settings.split(",") if setting]
@@ -156,12 +175,14 @@ def main():
     for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--data-dir", args.data_dir)):
         if value:
             base += [flag, value]
-    config = {k: getattr(args, k) for k in ("model", "device", "dtype", "nsamples", "seqlen", "max_windows")}
+    config_keys = ("model", "device", "dtype", "nsamples", "seqlen", "max_windows", "seed")
+    config = {k: getattr(args, k) for k in config_keys}
     path = Path(args.out) if args.out else RESULTS / f"prune_table_{Path(args.model).stem}.md"
     cells_path = Path(args.cells) if args.cells else path.with_suffix(".jsonl")
+    notes_path = Path(args.notes) if args.notes else path.with_suffix(".notes.md")
     done = load_cells(cells_path, config)
     commit = _commit()
-    if ("dense", "-") not in done:
+    if ("dense", "-") not in done and not args.render_only:
         dense = cli("eval", *base, "--data", "wikitext2-test")
         done[("dense", "-")] = append_cell(
             cells_path, config, commit, "dense", "-", dense, prune_s=0.0 if "error" not in dense else None
@@ -173,12 +194,12 @@ def main():
         "--nsamples",
         str(args.nsamples),
         "--seed",
-        "0",
+        str(args.seed),
         "--eval",
         "wikitext2-test",
     ]
     for scorer, (name, update), setting in cells:  # "wanda+refit": Wanda's mask, then the refit
-        if (scorer, setting) in done:
+        if (scorer, setting) in done or args.render_only:
             continue
         out = cli("prune", *common, "--scorer", name, "--update", update, *SETTINGS[setting])
         prune_s = out.get("seconds_calibration", 0) + out.get("seconds_prune", 0)
@@ -187,21 +208,28 @@ def main():
         )
         print(json.dumps(done[(scorer, setting)]), file=sys.stderr)
     scorers = list(dict.fromkeys(scorer for scorer, _, _ in cells))
-    rows = [done[("dense", "-")]] + [done[(s, t)] for s in scorers for t in settings]
+    keys = [("dense", "-")] + [(s, t) for s in scorers for t in settings]
+    rows = [done[key] for key in keys if key in done]
     timing_args = copy.copy(args)
     timing_args.nsamples = args.timing_nsamples
     timing = {}
-    if args.timing_nsamples:
+    if args.timing_nsamples and not args.render_only:
         timing = {name: driver_vs_reference(timing_args, name) for name in ("wanda", "sparsegpt")}
     windows = args.max_windows or "all"
-    dense = done[("dense", "-")]
+    dense = done.get(("dense", "-"))
+    missing = sum(key not in done for key in keys)
     commits = sorted({r["commit"] for r in rows})
     lines = [
         f"# Pruning table: {args.model}",
         "",
-        f"C4 calibration {args.nsamples} x {args.seqlen}, seed 0; WikiText-2 test ppl, seqlen {args.seqlen}, "
-        f"{windows} windows; dense ppl {_format(dense['ppl'], '.2f', dense.get('error'))}. "
-        f"Cells measured at {', '.join(commits)}; each is one `python -m pruning_core prune --json` process.",
+        f"C4 calibration {args.nsamples} x {args.seqlen}, seed {args.seed}; WikiText-2 test ppl, seqlen {args.seqlen}, "
+        f"{windows} windows; dense ppl {_format(dense, 'ppl', '.2f')}. "
+        f"Cells measured at {', '.join(commits) or 'none yet'}; each is one `python -m pruning_core prune --json` process."
+        + (
+            f" {missing} of {len(keys)} cells are pending: rerun the same command to measure them."
+            if missing
+            else ""
+        ),
     ]
     for title, key, spec in (
         ("Perplexity (lower is better)", "ppl", ".2f"),
@@ -216,7 +244,7 @@ def main():
             "|---" * (len(settings) + 1) + "|",
         ]
         for scorer in scorers:
-            values = [_format(done[(scorer, t)][key], spec, done[(scorer, t)].get("error")) for t in settings]
+            values = [_format(done.get((scorer, t)), key, spec) for t in settings]
             lines.append(f"| {scorer} | {' | '.join(values)} |")
     lines += (
         []
@@ -233,6 +261,8 @@ def main():
         f"| {k} | {v['driver_s']:.1f} | {v['reference_s']:.1f} | {v['ratio']:.3f} |"
         for k, v in timing.items()
     ]
+    if notes_path.exists():
+        lines += ["", notes_path.read_text().rstrip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     report({"rows": rows, "timing": timing, "table": str(path)}, args.json)
