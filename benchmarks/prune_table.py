@@ -219,17 +219,14 @@ def main():
     dense = done.get(("dense", "-"))
     missing = sum(key not in done for key in keys)
     commits = sorted({r["commit"] for r in rows})
+    pending = f" {missing} of {len(keys)} cells are pending: rerun the same command to measure them."
     lines = [
         f"# Pruning table: {args.model}",
         "",
-        f"C4 calibration {args.nsamples} x {args.seqlen}, seed {args.seed}; WikiText-2 test ppl, seqlen {args.seqlen}, "
-        f"{windows} windows; dense ppl {_format(dense, 'ppl', '.2f')}. "
-        f"Cells measured at {', '.join(commits) or 'none yet'}; each is one `python -m pruning_core prune --json` process."
-        + (
-            f" {missing} of {len(keys)} cells are pending: rerun the same command to measure them."
-            if missing
-            else ""
-        ),
+        f"C4 calibration {args.nsamples} x {args.seqlen}, seed {args.seed}; WikiText-2 test ppl, "
+        f"seqlen {args.seqlen}, {windows} windows; dense ppl {_format(dense, 'ppl', '.2f')}. "
+        f"Cells measured at {', '.join(commits) or 'none yet'}; "
+        "each is one `python -m pruning_core prune --json` process." + (pending if missing else ""),
     ]
     for title, key, spec in (
         ("Perplexity (lower is better)", "ppl", ".2f"),
