@@ -16,7 +16,8 @@ import time
 import torch
 from common import evaluator_parser, evaluator_settings, report
 
-from pruning_core.masks import setting_spec
+from pruning_core.errors import UsageError
+from pruning_core.masks import parse_settings, setting_spec
 from pruning_core.scorers.apt import apt_prune, apt_select
 from pruning_core.scorers.sparsegpt import sparsegpt_prune
 
@@ -61,13 +62,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    try:  # before the layers load: a typo fails at once
+        labels = parse_settings(args.settings)
+    except UsageError as err:
+        p.error(str(err))
     torch.set_num_threads(args.threads)
     if args.layers == "real":
         layers = real_layers(args)
     else:
         layers = [layer(rows, cols, 2048, seed) for seed, (rows, cols) in enumerate(SHAPES)]
     result = {"threads": args.threads, "rounds": args.rounds, "layers": args.layers, "settings": {}}
-    for label in args.settings.split(","):
+    for label in labels:
         spec = setting_spec(label, "matrix")  # both solvers' official group
         solvers = {"sparsegpt": sparsegpt_prune, "apt": apt_prune, "apt_pass": apt_select}
         best = dict.fromkeys(solvers, float("inf"))
