@@ -29,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from fitness.setup import build_evaluator
+    from fitness.setup import build_evaluator, prepare_shipment
     from primitives.grammar import parse_formula
     from primitives.known import KNOWN_FORMULAS
 
@@ -43,11 +43,13 @@ def main() -> None:
             parse_formula(KNOWN_FORMULAS.get(formula, formula))
     except UsageError as err:
         p.error(str(err))
+    # the model, statistics and windows read once: only the setting and group differ between evaluators
+    shipment = prepare_shipment(evaluator_settings(args), progress=not args.json)
     results = []
     for setting in settings_list:
         for group in groups if ":" not in setting else ["row"]:
             settings = replace(evaluator_settings(args), patterns=(setting,), group=group)
-            evaluator = build_evaluator(settings, progress=not args.json)
+            evaluator = build_evaluator(settings, shipment=shipment)
             for formula in formulas:
                 outcome = evaluator.evaluate_text(KNOWN_FORMULAS.get(formula, formula))
                 results.append(
